@@ -1,0 +1,176 @@
+"""Megatron-style checkpoints via ``dist_checkpointing``: save at one TP size, load at another.
+
+Layout of a checkpoint directory::
+
+    model_args.json                      LlamaArgs + tokenizer source, enough to rebuild the model
+    latest_checkpointed_iteration.txt    e.g. "200"
+    iter_0000200/                        dist_checkpointing (torch_dist) shards of the model
+
+Writes are atomic: an iteration is written to ``iter_XXXXXXX.tmp-<pid>`` and renamed once every
+rank finished; the ``latest`` file is replaced with ``os.replace``. A crash mid-save leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron.sparse.model import LlamaArgs
+
+ARGS_FILE = "model_args.json"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_model_args(root: str | Path, args: LlamaArgs, meta: dict[str, Any] | None = None) -> None:
+    """Write ``model_args.json`` (rank 0 only, atomically)."""
+    root = Path(root)
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        payload = {"model": args.to_dict(), **(meta or {})}
+        _atomic_write_text(root / ARGS_FILE, json.dumps(payload, indent=2, sort_keys=True))
+    _barrier()
+
+
+def read_checkpoint_meta(root: str | Path) -> dict[str, Any]:
+    """The parsed ``model_args.json`` of a checkpoint, with a clear error when it is missing."""
+    path = Path(root) / ARGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{root} is not a megatron-sparse checkpoint (no {ARGS_FILE}); "
+                                f"convert one first with tools/convert_hf_to_megatron.py")
+    return json.loads(path.read_text())
+
+
+def read_model_args(root: str | Path) -> LlamaArgs:
+    return LlamaArgs.from_dict(read_checkpoint_meta(root)["model"])
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    """The iteration in ``latest_checkpointed_iteration.txt``, or None when there is none."""
+    path = Path(root) / LATEST_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+def _sharded_metadata() -> dict[str, Any]:
+    return {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> dict:
+    """The model's sharded state dict, prefixed ``model.``."""
+    return model.sharded_state_dict(prefix="model.", metadata=_sharded_metadata())
+
+
+def save_checkpoint(root: str | Path, model: torch.nn.Module, *, iteration: int,
+                    args: LlamaArgs | None = None, meta: dict[str, Any] | None = None,
+                    extra_sharded: dict | None = None) -> Path:
+    """Save ``model`` (and optional extra sharded state) as iteration ``iteration`` of ``root``.
+
+    All ranks must call this. ``args``/``meta`` (re)write ``model_args.json``.
+    """
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+    if args is not None:
+        write_model_args(root, args, meta)
+    tmp_name = [f"{final.name}.tmp-{os.getpid()}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tmp_name, src=0)
+    tmp = root / tmp_name[0]
+    if _is_rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = model_sharded_state_dict(model)
+    if extra_sharded:
+        state.update(extra_sharded)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _is_rank0():
+        if final.exists():
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _atomic_write_text(root / LATEST_FILE, str(iteration))
+    _barrier()
+    return final
+
+
+def resolve_iteration(root: str | Path, iteration: int | None = None) -> Path:
+    """The directory of ``iteration`` (default: the latest) with a one-line error if absent."""
+    root = Path(root)
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"{root} holds no checkpoint ({LATEST_FILE} is missing)")
+    path = iteration_dir(root, iteration)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint iteration directory {path} does not exist")
+    return path
+
+
+def load_into(root: str | Path, model: torch.nn.Module, *, iteration: int | None = None,
+              extra_sharded: dict | None = None, strict: bool = True) -> dict:
+    """Load a checkpoint into an already built model at the current TP size.
+
+    Returns the loaded extra state (keys of ``extra_sharded``). Mask logits absent from an older
+    checkpoint are an error unless ``strict=False`` (then they keep their init values).
+    """
+    path = resolve_iteration(root, iteration)
+    state = model_sharded_state_dict(model)
+    if not strict:
+        saved = set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
+        state = {k: v for k, v in state.items() if getattr(v, "key", k) in saved}
+    if extra_sharded:
+        state.update(extra_sharded)
+    loaded = dist_checkpointing.load(state, str(path))
+    model_state = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
+    model.load_state_dict(model_state, strict=strict)
+    return {k: v for k, v in loaded.items() if not k.startswith("model.")}
+
+
+def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool = True,
+               params_dtype: torch.dtype = torch.float32, device=None):
+    """Build the model a checkpoint describes at the current TP size and load its weights.
+
+    Returns ``(model, args)``.
+    """
+    args = read_model_args(root)
+    model = args.build(sparse=sparse, params_dtype=params_dtype, device=device)
+    load_into(root, model, iteration=iteration)
+    return model, args

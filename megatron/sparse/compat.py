@@ -1,0 +1,72 @@
+"""CPU compatibility shim for megatron-core.
+
+megatron-core assumes CUDA in a handful of places (current device, CUDA RNG state,
+``torch.cuda.synchronize``). On a machine without a GPU, :func:`apply_cpu_shim` routes those
+calls to their CPU equivalents so that GPTModel, the tensor-parallel layers and
+``dist_checkpointing`` run on the gloo backend. With a GPU present it does nothing.
+Entry points and tests call it explicitly; importing the package never patches anything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SHIM_FLAG = "_megatron_sparse_cpu_shim"
+
+
+def _cpu_current_device() -> str:
+    return "cpu"
+
+
+def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
+def cpu_shim_needed() -> bool:
+    """True when no CUDA device is usable, i.e. when :func:`apply_cpu_shim` would patch."""
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_shim() -> bool:
+    """Patch the CUDA-only calls megatron-core makes; idempotent. Returns True if patched."""
+    if not cpu_shim_needed():
+        return False
+    if getattr(torch.cuda, _SHIM_FLAG, False):
+        return True
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.current_device = _cpu_current_device
+    torch.cuda.get_rng_state = _cpu_get_rng_state
+    torch.cuda.set_rng_state = _cpu_set_rng_state
+    torch.cuda.manual_seed = _cpu_manual_seed
+    torch.cuda.manual_seed_all = _noop  # torch.manual_seed calls it after seeding the CPU
+    torch.cuda.synchronize = _noop
+    torch.cuda.random.get_rng_state = _cpu_get_rng_state
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    setattr(torch.cuda, _SHIM_FLAG, True)
+    return True
+
+
+def default_device() -> torch.device:
+    """The device models are placed on: the current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def default_backend() -> str:
+    """torch.distributed backend: nccl with GPUs, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"

@@ -1,0 +1,1 @@
+"""Pure conversions between state-dict layouts (HF <-> Megatron, TP shards)."""

@@ -1,0 +1,175 @@
+"""Tensor-parallel linear layers whose weight is multiplied by a learnable 2:4 mask.
+
+Each layer owns fp32 ``mask_logits`` of shape ``[rows_local, in_local / 4, 6]`` (one 6-way choice
+per group of 4 input columns). In training the mask is a Gumbel-softmax soft mask (or a
+straight-through hard one); in eval it is the argmax candidate, cached until the logits change.
+Weights are frozen unless ``trainable_weights=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from megatron.sparse import mask as mask_ops
+
+
+@dataclass
+class MaskState:
+    """How a sparse layer draws its mask; shared by all layers of a model and set by the trainer."""
+
+    tau: float = 4.0
+    """Gumbel-softmax temperature."""
+    kappa: float = 100.0
+    """Logit scaling applied before adding Gumbel noise."""
+    hard: bool = False
+    """Straight-through hard masks in training instead of soft ones."""
+    enabled: bool = True
+    """False multiplies by a mask of ones (the dense layer)."""
+    noise: bool = True
+    """Add Gumbel noise when sampling; False gives the deterministic ``softmax(kappa l / tau)``."""
+
+
+def _tp_size(tp_group) -> int:
+    if tp_group is not None:
+        return tp_group.size()
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_world_size()
+    return 1
+
+
+class SparseMaskMixin:
+    """Mask logits, mask sampling and the masked forward shared by both parallel layers."""
+
+    mask_partition_dim: int  # logits axis sharded by TP (0: output rows, 1: input groups)
+
+    def _init_mask(self, *, trainable_weights: bool, mask_state: MaskState | None) -> None:
+        rows, cols = self.weight.shape
+        mask_ops.check_groupable(cols, f"{type(self).__name__} local input")
+        self.mask_state = mask_state if mask_state is not None else MaskState()
+        self.mask_logits = torch.nn.Parameter(
+            torch.empty(rows, cols // mask_ops.GROUP_SIZE, mask_ops.NUM_CANDIDATES,
+                        dtype=torch.float32, device=self.weight.device))
+        torch.nn.init.normal_(self.mask_logits, mean=0.0, std=mask_ops.LOGITS_INIT_STD)
+        set_tensor_model_parallel_attributes(self.mask_logits, True, self.mask_partition_dim, 1)
+        self.weight.requires_grad_(trainable_weights)
+        if self.bias is not None:
+            self.bias.requires_grad_(trainable_weights)
+        self._eval_cache: tuple | None = None
+        self.last_soft_mask: torch.Tensor | None = None
+
+    # -- masks ---------------------------------------------------------------------------------
+    def eval_mask(self) -> torch.Tensor:
+        """Boolean ``[rows, in]`` argmax mask, recomputed only when the logits changed."""
+        key = (self.mask_logits._version, self.mask_logits.data_ptr())
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                groups = mask_ops.hard_mask(self.mask_logits)
+            self._eval_cache = (key, mask_ops.groups_to_weight(groups))
+        return self._eval_cache[1]
+
+    def sample_mask(self) -> torch.Tensor:
+        """A fresh Gumbel-softmax ``[rows, in]`` mask (soft, or straight-through when hard)."""
+        state = self.mask_state
+        noise = (mask_ops.gumbel_noise(self.mask_logits.shape, device=self.mask_logits.device)
+                 if state.noise else None)
+        groups = mask_ops.soft_mask(self.mask_logits, tau=state.tau, kappa=state.kappa,
+                                    hard=state.hard, noise=noise)
+        self.last_soft_mask = groups
+        return mask_ops.groups_to_weight(groups)
+
+    def current_mask(self) -> torch.Tensor | None:
+        """The mask the next forward applies (None when masking is disabled)."""
+        if not self.mask_state.enabled:
+            return None
+        return self.sample_mask() if self.training else self.eval_mask()
+
+    def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight * mask`` for the current mode."""
+        mask = self.current_mask()
+        if mask is None:
+            return weight
+        return weight * mask.to(weight.dtype)
+
+    def sparse_weight_norm_sq(self) -> torch.Tensor:
+        """Local regulariser term ``||sg(W) * M_soft||^2`` for the mask of the last forward."""
+        if self.last_soft_mask is None:
+            raise RuntimeError("sparse_weight_norm_sq needs a training forward first")
+        return mask_ops.sparse_weight_norm_sq(self.weight, self.last_soft_mask)
+
+    @torch.no_grad()
+    def set_mask_prior(self, prior_mask: torch.Tensor, strength: float) -> None:
+        """Shift the logits toward a boolean 2:4 prior mask of the local weight's shape."""
+        if tuple(prior_mask.shape) != tuple(self.weight.shape):
+            raise ValueError(f"prior mask shape {tuple(prior_mask.shape)} does not match the local "
+                             f"weight {tuple(self.weight.shape)}")
+        groups = mask_ops.weight_to_groups(prior_mask.bool())
+        self.mask_logits.copy_(mask_ops.prior_logits(self.mask_logits, groups, strength))
+
+    # -- megatron hooks ------------------------------------------------------------------------
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        return super()._forward_impl(input, self.masked_weight(weight), *args, **kwargs)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Like the parent's, with ``mask_logits`` sharded along the weight's TP axis."""
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        axis_map = {"weight": self.weight_partition_dim, "mask_logits": self.mask_partition_dim}
+        if self.weight_partition_dim == 0:
+            axis_map["bias"] = 0
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, axis_map, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        )
+
+
+class SparseColumnParallelLinear(SparseMaskMixin, ColumnParallelLinear):
+    """ColumnParallelLinear with a learnable 2:4 mask; logits sharded with the output rows."""
+
+    mask_partition_dim = 0
+    weight_partition_dim = 0
+
+    def __init__(self, input_size: int, output_size: int, *, trainable_weights: bool = False,
+                 mask_state: MaskState | None = None, **kwargs):
+        mask_ops.check_groupable(input_size, "SparseColumnParallelLinear input")
+        super().__init__(input_size, output_size, **kwargs)
+        self._init_mask(trainable_weights=trainable_weights, mask_state=mask_state)
+
+
+class SparseRowParallelLinear(SparseMaskMixin, RowParallelLinear):
+    """RowParallelLinear with a learnable 2:4 mask; logits sharded with the input columns."""
+
+    mask_partition_dim = 1
+    weight_partition_dim = 1
+
+    def __init__(self, input_size: int, output_size: int, *, trainable_weights: bool = False,
+                 mask_state: MaskState | None = None, **kwargs):
+        tp = _tp_size(kwargs.get("tp_group"))
+        if input_size % tp != 0:
+            raise ValueError(f"SparseRowParallelLinear: input dimension {input_size} is not "
+                             f"divisible by the tensor-parallel size {tp}")
+        mask_ops.check_groupable(input_size // tp,
+                                 f"SparseRowParallelLinear input per TP rank ({input_size}/{tp})")
+        super().__init__(input_size, output_size, **kwargs)
+        self._init_mask(trainable_weights=trainable_weights, mask_state=mask_state)
+
+
+def sparse_layers(module: torch.nn.Module) -> list[tuple[str, SparseMaskMixin]]:
+    """All sparse linear layers of a model, as ``(name, layer)`` pairs."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, SparseMaskMixin)]
+
+
+def set_mask_state(module: torch.nn.Module, **fields) -> None:
+    """Set :class:`MaskState` fields (tau, kappa, hard, enabled) on every sparse layer."""
+    for _, layer in sparse_layers(module):
+        for name, value in fields.items():
+            if not hasattr(layer.mask_state, name):
+                raise AttributeError(f"MaskState has no field {name!r}")
+            setattr(layer.mask_state, name, value)

@@ -1,0 +1,129 @@
+"""2:4 mask math: the candidate set, Gumbel-softmax sampling, hard masks, priors, regulariser.
+
+Shapes: mask logits are ``[rows, groups, 6]`` where a group is 4 consecutive input columns of one
+output row of the weight (``groups = in_features / 4``). ``logits.view(-1, 6)`` is the
+``[numel / 4, 6]`` layout of the MaskLLM paper. Masks come back as ``[rows, groups, 4]`` and are
+reshaped to the weight's ``[rows, in_features]`` by :func:`groups_to_weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_SIZE = 4
+NUM_CANDIDATES = 6
+LOGITS_INIT_STD = 0.01
+
+# The 6 ways of keeping 2 of 4, in the fixed order 1100, 1010, 1001, 0110, 0101, 0011.
+_CANDIDATE_ROWS = (
+    (1, 1, 0, 0),
+    (1, 0, 1, 0),
+    (1, 0, 0, 1),
+    (0, 1, 1, 0),
+    (0, 1, 0, 1),
+    (0, 0, 1, 1),
+)
+
+
+def candidate_matrix(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The ``[6, 4]`` matrix S whose row k is candidate k (1 = kept)."""
+    return torch.tensor(_CANDIDATE_ROWS, dtype=dtype, device=device)
+
+
+def check_groupable(in_features: int, what: str = "layer") -> None:
+    """Raise a one-line ValueError unless ``in_features`` splits into groups of 4."""
+    if in_features % GROUP_SIZE != 0:
+        raise ValueError(
+            f"{what}: input dimension {in_features} is not divisible by {GROUP_SIZE}; 2:4 sparsity "
+            f"needs groups of 4 input columns (choose a size or TP degree that keeps it divisible)"
+        )
+
+
+def weight_to_groups(weight: torch.Tensor) -> torch.Tensor:
+    """View a ``[rows, in]`` tensor as ``[rows, in/4, 4]``."""
+    rows, cols = weight.shape
+    check_groupable(cols, "weight")
+    return weight.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+
+
+def groups_to_weight(groups: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`weight_to_groups`: ``[rows, g, 4]`` -> ``[rows, 4 g]``."""
+    return groups.reshape(groups.shape[0], -1)
+
+
+def gumbel_noise(shape, *, generator: torch.Generator | None = None, device=None,
+                 eps: float = 1e-10) -> torch.Tensor:
+    """Standard Gumbel(0, 1) samples ``-log(-log(u))`` with both logs clamped away from 0."""
+    u = torch.rand(shape, generator=generator, device=device).clamp_(eps, 1.0 - eps)
+    return -torch.log((-torch.log(u)).clamp_min(eps))
+
+
+def candidate_probs(logits: torch.Tensor, *, tau: float, kappa: float,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Gumbel-softmax probabilities ``softmax((kappa * logits + g) / tau)`` over the 6 candidates."""
+    scores = kappa * logits.float()
+    if noise is not None:
+        scores = scores + noise
+    return torch.softmax(scores / tau, dim=-1)
+
+
+def soft_mask(logits: torch.Tensor, *, tau: float, kappa: float, hard: bool = False,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable ``[rows, g, 4]`` mask ``p @ S``; ``hard`` uses straight-through one-hots."""
+    probs = candidate_probs(logits, tau=tau, kappa=kappa, noise=noise)
+    if hard:
+        one_hot = torch.nn.functional.one_hot(probs.argmax(dim=-1), NUM_CANDIDATES).to(probs.dtype)
+        probs = one_hot - probs.detach() + probs
+    return probs @ candidate_matrix(probs.dtype, probs.device)
+
+
+def argmax_candidates(logits: torch.Tensor) -> torch.Tensor:
+    """Index (0..5) of the most likely candidate of each group."""
+    return logits.argmax(dim=-1)
+
+
+def hard_mask(logits: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[rows, g, 4]`` eval mask: the argmax candidate of each group."""
+    return candidate_matrix(torch.bool, logits.device)[argmax_candidates(logits)]
+
+
+def candidate_overlap(mask_groups: torch.Tensor) -> torch.Tensor:
+    """``[rows, g, 6]``: how many kept positions each candidate shares with a boolean 2:4 mask."""
+    return mask_groups.float() @ candidate_matrix(torch.float32, mask_groups.device).t()
+
+
+def is_two_four(mask: torch.Tensor) -> bool:
+    """True if every group of 4 consecutive entries along the last dim keeps exactly 2."""
+    if mask.shape[-1] % GROUP_SIZE != 0:
+        return False
+    counts = mask.reshape(*mask.shape[:-1], -1, GROUP_SIZE).sum(dim=-1)
+    return bool((counts == 2).all())
+
+
+def mask_to_candidates(mask_groups: torch.Tensor) -> torch.Tensor:
+    """Candidate index of each group of an exactly-2:4 boolean ``[rows, g, 4]`` mask."""
+    if not is_two_four(groups_to_weight(mask_groups)):
+        raise ValueError("mask is not 2:4: every group of 4 input columns must keep exactly 2")
+    return candidate_overlap(mask_groups).argmax(dim=-1)
+
+
+def prior_logits(logits: torch.Tensor, prior_mask_groups: torch.Tensor,
+                 strength: float) -> torch.Tensor:
+    """``logits + strength * std(logits) * (overlap - 1)`` for a 2:4 prior mask (DESIGN: Prior).
+
+    ``std`` is that of the given logits; for constant logits (std 0) the init std 0.01 is used so
+    that a prior still takes effect.
+    """
+    if not is_two_four(groups_to_weight(prior_mask_groups)):
+        raise ValueError("prior mask is not 2:4: every group of 4 input columns must keep exactly 2")
+    std = logits.float().std()
+    if not torch.isfinite(std) or float(std) == 0.0:
+        std = torch.tensor(LOGITS_INIT_STD)
+    overlap = candidate_overlap(prior_mask_groups.to(logits.device))
+    return logits + strength * std.to(logits.device) * (overlap - 1.0)
+
+
+def sparse_weight_norm_sq(weight: torch.Tensor, mask_groups: torch.Tensor) -> torch.Tensor:
+    """Regulariser term ``||sg(W) * M||^2`` (weights detached, gradient flows into the mask)."""
+    masked = weight_to_groups(weight.detach()).float() * mask_groups
+    return (masked * masked).sum()
