@@ -46,5 +46,5 @@ def run_distributed(fn, world_size: int, *args, tp: int | None = None):
         except Exception as exc:
             errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))
                       if ".err" in f]
-            raise RuntimeError("distributed worker failed:\n" + "\n".join(errors)) from exc
+            raise RuntimeError(f"distributed worker failed: {exc}\n" + "\n".join(errors)) from exc
         return torch.load(out, weights_only=True)

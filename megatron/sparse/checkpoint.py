@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -93,10 +93,12 @@ def model_sharded_state_dict(model: torch.nn.Module) -> dict:
 
 def save_checkpoint(root: str | Path, model: torch.nn.Module, *, iteration: int,
                     args: LlamaArgs | None = None, meta: dict[str, Any] | None = None,
-                    extra_sharded: dict | None = None) -> Path:
+                    extra_sharded: dict | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """Save ``model`` (and optional extra sharded state) as iteration ``iteration`` of ``root``.
 
-    All ranks must call this. ``args``/``meta`` (re)write ``model_args.json``.
+    All ranks must call this. ``args``/``meta`` (re)write ``model_args.json``. ``write_extra(dir)``
+    runs on every rank to add files (optimizer, RNG) to the iteration before it is published.
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
@@ -117,6 +119,8 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, *, iteration: int,
     if extra_sharded:
         state.update(extra_sharded)
     dist_checkpointing.save(state, str(tmp))
+    if write_extra is not None:
+        write_extra(tmp)
     _barrier()
     if _is_rank0():
         if final.exists():
@@ -174,3 +178,13 @@ def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool =
     model = args.build(sparse=sparse, params_dtype=params_dtype, device=device)
     load_into(root, model, iteration=iteration)
     return model, args
+
+
+def load_mask_logits(root: str | Path, model: torch.nn.Module, *,
+                     iteration: int | None = None) -> None:
+    """Load only the mask logits of a checkpoint into ``model`` (weights untouched)."""
+    path = resolve_iteration(root, iteration)
+    state = {k: v for k, v in model_sharded_state_dict(model).items()
+             if k.endswith(".mask_logits")}
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=False)

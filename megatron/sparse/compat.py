@@ -26,12 +26,24 @@ def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = 
     torch.set_rng_state(new_state)
 
 
+def _mcore_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False):
+    return torch.get_rng_state()
+
+
+def _mcore_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
 def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
-def _noop(*args, **kwargs) -> None:
-    return None
+def _cpu_manual_seed_all(seed: int) -> None:
+    """torch.manual_seed calls this after seeding the CPU generator: nothing left to do."""
+
+
+def _cpu_synchronize(device=None) -> None:
+    """Nothing to wait for on the CPU."""
 
 
 def cpu_shim_needed() -> bool:
@@ -51,11 +63,12 @@ def apply_cpu_shim() -> bool:
     torch.cuda.get_rng_state = _cpu_get_rng_state
     torch.cuda.set_rng_state = _cpu_set_rng_state
     torch.cuda.manual_seed = _cpu_manual_seed
-    torch.cuda.manual_seed_all = _noop  # torch.manual_seed calls it after seeding the CPU
-    torch.cuda.synchronize = _noop
-    torch.cuda.random.get_rng_state = _cpu_get_rng_state
-    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
-    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    # Each patched name gets its own function object: torch.compile's trace rules refuse one
+    # object registered under two torch names.
+    torch.cuda.manual_seed_all = _cpu_manual_seed_all
+    torch.cuda.synchronize = _cpu_synchronize
+    mcore_random._get_cuda_rng_state = _mcore_get_rng_state
+    mcore_random._set_cuda_rng_state = _mcore_set_rng_state
     setattr(torch.cuda, _SHIM_FLAG, True)
     return True
 

@@ -80,3 +80,14 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.
     return {key: merge_tensor(key, [s[key] for s in shards])
             for key, t in shards[0].items()
             if _rule(key) != "skip" and isinstance(t, torch.Tensor)}
+
+
+def full_shape(key: str, local_shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
+    """Shape of the unsharded tensor whose TP shard ``key`` has ``local_shape``."""
+    shape = list(local_shape)
+    rule = _rule(key)
+    if rule in ("column", "fc1"):
+        shape[0] *= tp_size
+    elif rule == "row":
+        shape[1] *= tp_size
+    return tuple(shape)

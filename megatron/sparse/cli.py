@@ -1,0 +1,55 @@
+"""Typed command lines from config dataclasses, and one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+from typing import Any, Callable
+
+_TYPES: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (megatron-core style field docs)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--kebab-case`` flag per field; fields without a default are required."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        type_name = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = docs.get(f.name, "")
+        if type_name == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+            continue
+        parser.add_argument(flag, type=_TYPES[type_name], default=None if required else f.default,
+                            required=required, help=help_text)
+
+
+def dataclass_from_args(cls: type, ns: argparse.Namespace):
+    """Build ``cls`` from the parsed flags of :func:`add_dataclass_args`."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a tool's main; user errors become ``error: ...`` on stderr and exit status 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)

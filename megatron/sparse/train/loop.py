@@ -1,0 +1,304 @@
+"""The mask-learning loop: frozen weights, AdamW on the 2:4 mask logits only.
+
+Runs under torchrun with TP x DP ranks (gloo on CPU, nccl on GPU): TP shards the model, DP splits
+each global batch and averages the logits' gradients. Resumable from interval checkpoints and
+from the checkpoint written on SIGTERM/SIGUSR1 (Slurm preemption).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron.sparse import checkpoint as ckpt
+from megatron.sparse import mask as mask_ops
+from megatron.sparse.convert.sharding import full_shape, shard_tensor
+from megatron.sparse.layers import set_mask_state, sparse_layers
+from megatron.sparse.model import LlamaArgs, model_forward
+from megatron.sparse.parallel import is_main, print_rank0
+from megatron.sparse.train import schedules
+from megatron.sparse.train.config import TrainConfig
+from megatron.sparse.train.data import TrainBatches
+from megatron.sparse.train.metrics import MetricsLogger
+from megatron.sparse.train.state import read_train_state, restore_train_state, write_train_state
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1; checked (and agreed on by all ranks) after each step."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+@torch.no_grad()
+def init_logits(model: torch.nn.Module, seed: int) -> None:
+    """N(0, 0.01) logits drawn per *unsharded* layer, so every TP size starts identically."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, layer in sparse_layers(model):
+        key = f"{name}.mask_logits"
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        full = torch.randn(full_shape(key, tuple(layer.mask_logits.shape), tp), generator=gen)
+        layer.mask_logits.copy_(shard_tensor(key, full * mask_ops.LOGITS_INIT_STD, tp)[rank])
+
+
+def apply_prior(model: torch.nn.Module, prior_dir: str, args: LlamaArgs, strength: float) -> None:
+    """Shift the logits toward the eval masks stored in a one-shot checkpoint."""
+    prior_args = ckpt.read_model_args(prior_dir)
+    if prior_args.to_dict() | {"extra": {}} != args.to_dict() | {"extra": {}}:
+        raise ValueError(f"--prior {prior_dir} is a checkpoint of another model (hidden "
+                         f"{prior_args.hidden_size}, {prior_args.num_layers} layers vs hidden "
+                         f"{args.hidden_size}, {args.num_layers} layers); use a prior of this model")
+    kept = {name: layer.mask_logits.detach().clone() for name, layer in sparse_layers(model)}
+    ckpt.load_mask_logits(prior_dir, model)
+    with torch.no_grad():
+        for name, layer in sparse_layers(model):
+            prior_mask = layer.eval_mask().clone()
+            layer.mask_logits.copy_(kept[name])
+            layer.set_mask_prior(prior_mask, strength)
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the logits' gradients (TP shards summed, DP replicas identical)."""
+    local = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            local += p.grad.double().pow(2).sum()
+    return _all_reduce(local, _tp_group()).sqrt()
+
+
+@torch.no_grad()
+def argmax_snapshot(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [mask_ops.argmax_candidates(layer.mask_logits).to(torch.uint8)
+            for _, layer in sparse_layers(model)]
+
+
+def changed_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    """Fraction of all groups (over TP shards) whose argmax candidate changed."""
+    counts = torch.tensor([sum(int((a != b).sum()) for a, b in zip(before, after)),
+                           sum(a.numel() for a in after)], dtype=torch.float64)
+    _all_reduce(counts, _tp_group())
+    return float(counts[0] / counts[1])
+
+
+@torch.no_grad()
+def heldout_ppl(model: torch.nn.Module, windows: torch.Tensor, micro_batch_size: int) -> float:
+    """exp(mean CE) over ``[n, L]`` windows (each predicts its tokens 1..L-1) with argmax masks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], micro_batch_size):
+        batch = windows[start:start + micro_batch_size]
+        losses = model_forward(model, batch[:, :-1], batch[:, 1:])
+        total += float(losses.double().sum())
+        count += losses.numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+class MaskTrainer:
+    """Builds the run from a :class:`TrainConfig` and trains the mask logits."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.dp = parallel_state.get_data_parallel_world_size()
+        resume_root = self._resume_root()
+        source = resume_root or cfg.load
+        self.meta = ckpt.read_checkpoint_meta(source)
+        self.args = LlamaArgs.from_dict(self.meta["model"])
+        self.model = self.args.build()
+        print_rank0(f"loading {source} at TP={self.tp} x DP={self.dp}")
+        ckpt.load_into(source, self.model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.logits = [layer.mask_logits for _, layer in sparse_layers(self.model)]
+        for p in self.logits:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.logits, "lr": cfg.lr * cfg.logits_lr_mult}],
+            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.step = 0
+        if resume_root:
+            directory = ckpt.resolve_iteration(resume_root)
+            state = read_train_state(directory)
+            restore_train_state(directory, state, self.optimizer)
+            self.step = state["step"]
+            print_rank0(f"resumed from {directory} at step {self.step}")
+        else:
+            self._fresh_logits()
+        self.data = TrainBatches(
+            prefix=cfg.data, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
+            global_batch_size=cfg.global_batch_size, train_iters=cfg.train_iters, seed=cfg.seed,
+            vocab_size=self.args.vocab_size,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp)
+        self.eval_windows = self._eval_windows()
+        save = Path(cfg.save) if cfg.save else None
+        self.metrics = MetricsLogger(
+            enabled=is_main(), total_steps=cfg.train_iters,
+            tensorboard_dir=cfg.tensorboard_dir or (str(save / "tensorboard") if save else None),
+            history_path=str(save / "metrics.jsonl") if save else None,
+            wandb_project=cfg.wandb_project, config=cfg.to_dict())
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _resume_root(self) -> str | None:
+        """A training checkpoint to resume: ``--save`` if it has one (requeue), else ``--load``."""
+        for root in (self.cfg.save, self.cfg.load):
+            if root and ckpt.latest_iteration(root) is not None:
+                if read_train_state(ckpt.resolve_iteration(root)) is not None:
+                    return root
+        return None
+
+    def _fresh_logits(self) -> None:
+        init_logits(self.model, self.cfg.seed)
+        prior = self.cfg.prior
+        if prior is None and self.meta.get("mask_source", "none") not in ("none", None):
+            prior = self.cfg.load
+        if prior is not None:
+            print_rank0(f"prior: masks of {prior} at strength {self.cfg.prior_strength}")
+            apply_prior(self.model, prior, self.args, self.cfg.prior_strength)
+        else:
+            print_rank0("prior: none (logits start from N(0, 0.01))")
+
+    def _eval_windows(self) -> torch.Tensor | None:
+        if not self.cfg.eval_data:
+            return None
+        from megatron.sparse.data.indexed import read_token_windows
+
+        return read_token_windows(self.cfg.eval_data, self.cfg.seq_length,
+                                  num_windows=self.cfg.eval_windows)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _schedule(self, step: int) -> dict[str, float]:
+        cfg, total = self.cfg, self.cfg.train_iters
+        values = {
+            "lr": schedules.warmup_cosine(step, peak=cfg.lr, minimum=cfg.min_lr,
+                                          warmup=cfg.warmup_iters, total=total),
+            "tau": schedules.linear(cfg.tau_start, cfg.tau_end, step, total),
+            "kappa": schedules.linear(cfg.kappa_start, cfg.kappa_end, step, total),
+            "reg_lambda": schedules.regulariser_weight(step, lam=cfg.reg_lambda, total=total),
+        }
+        for group in self.optimizer.param_groups:
+            group["lr"] = values["lr"] * cfg.logits_lr_mult
+        set_mask_state(self.model, tau=values["tau"], kappa=values["kappa"], hard=cfg.hard,
+                       noise=cfg.gumbel_noise)
+        return values
+
+    def train_step(self, step: int) -> dict[str, float]:
+        values = self._schedule(step)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_micro = self.data.num_micro_batches
+        ce_sum = torch.zeros(1, dtype=torch.float64)
+        reg = torch.zeros(1)
+        for tokens, labels in self.data.micro_batches(step):
+            ce = model_forward(self.model, tokens, labels).float().mean()
+            loss = ce / n_micro
+            if values["reg_lambda"] > 0:
+                reg = sum(layer.sparse_weight_norm_sq() for _, layer in sparse_layers(self.model))
+                loss = loss - values["reg_lambda"] * reg / n_micro
+            loss.backward()
+            ce_sum += ce.detach().double()
+        dp_group = parallel_state.get_data_parallel_group()
+        if self.dp > 1:
+            for p in self.logits:
+                _all_reduce(p.grad, dp_group).div_(self.dp)
+        norm = grad_norm(self.logits)
+        if self.cfg.clip_grad > 0:
+            coef = float(self.cfg.clip_grad / (norm + 1e-6))
+            if coef < 1.0:
+                for p in self.logits:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        ce_mean = _all_reduce(ce_sum / n_micro, dp_group).div_(self.dp)
+        reg_total = _all_reduce(reg.detach().reshape(1).double(), _tp_group())
+        values.update(loss=float(ce_mean), reg=float(reg_total), grad_norm=float(norm))
+        return values
+
+    # -- the run ---------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        if not self.cfg.save:
+            return
+        meta = {k: v for k, v in self.meta.items() if k != "model"}
+        meta.update(mask_source="maskllm", base_checkpoint=self.meta.get("base_checkpoint",
+                                                                         self.cfg.load))
+        ckpt.save_checkpoint(
+            self.cfg.save, self.model, iteration=step, args=self.args, meta=meta,
+            write_extra=lambda d: write_train_state(d, step=step, optimizer=self.optimizer,
+                                                    info={"config": self.cfg.to_dict()}))
+        print_rank0(f"saved {ckpt.iteration_dir(self.cfg.save, step)}")
+
+    def evaluate(self, step: int) -> float | None:
+        if self.eval_windows is None:
+            return None
+        ppl = heldout_ppl(self.model, self.eval_windows, self.cfg.micro_batch_size)
+        self.metrics.scalars(step, {"eval_ppl": ppl})
+        print_rank0(f"step {step}: held-out PPL {ppl:.3f} (argmax masks)")
+        return ppl
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        flag = PreemptionFlag()
+        tokens_per_step = cfg.global_batch_size * cfg.seq_length
+        previous = argmax_snapshot(self.model)
+        start_step, t_last = self.step, time.perf_counter()
+        if self.step == 0 and cfg.eval_interval:
+            self.evaluate(0)
+        last: dict[str, float] = {}
+        while self.step < cfg.train_iters:
+            last = self.train_step(self.step)
+            self.step += 1
+            if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
+                now = argmax_snapshot(self.model)
+                elapsed = time.perf_counter() - t_last
+                t_last = time.perf_counter()
+                last["changed"] = changed_fraction(previous, now)
+                last["tokens_per_s"] = tokens_per_step * cfg.log_interval / max(elapsed, 1e-9)
+                previous = now
+                self.metrics.scalars(self.step, last)
+                self.metrics.progress(self.step, last, steps_done=self.step - start_step)
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                last["eval_ppl"] = self.evaluate(self.step)
+            preempted = flag.any_rank()
+            if preempted or (cfg.save_interval and self.step % cfg.save_interval == 0):
+                self.save(self.step)
+                if preempted:
+                    print_rank0(f"preempted at step {self.step}: checkpoint written, exiting")
+                    break
+                if cfg.exit_after_save:
+                    break
+        else:
+            if not (cfg.save_interval and self.step % cfg.save_interval == 0):
+                self.save(self.step)
+            if not (cfg.eval_interval and self.step % cfg.eval_interval == 0):
+                last["eval_ppl"] = self.evaluate(self.step)
+        self.metrics.close()
+        return last
