@@ -1,0 +1,82 @@
+"""One mask-learning step vs one frozen-weight dense forward+backward step, same model and batch.
+
+The dense step trains nothing but the input embedding, so its backward computes every
+activation gradient and no weight gradient; the mask step additionally needs the masked weights'
+gradients (one GEMM per linear) and the Gumbel-softmax mask math. Both run side by side here.
+
+    python benchmarks/bench_train_step.py [--seq-length 2048] [--layers 30] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from megatron.sparse import parallel
+from megatron.sparse.layers import set_mask_state, sparse_layers
+from megatron.sparse.model import LlamaArgs, model_forward
+
+SMOLLM2_135M = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, rope_theta=100000.0,
+                    tie_word_embeddings=True, max_position_embeddings=8192)
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    parallel.initialize(1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model_args = LlamaArgs(num_layers=args.layers, **SMOLLM2_135M)
+    sparse = model_args.build(sparse=True, params_dtype=dtype, device=device)
+    dense = model_args.build(sparse=False, params_dtype=dtype, device=device)
+    for m in (sparse, dense):
+        for param in m.parameters():
+            param.requires_grad_(False)
+        m.train()
+    for _, layer in sparse_layers(sparse):
+        layer.mask_logits.requires_grad_(True)
+    dense.embedding.word_embeddings.weight.requires_grad_(True)
+    set_mask_state(sparse, tau=4.0, kappa=100.0)
+    tokens = torch.randint(0, model_args.vocab_size, (args.batch, args.seq_length + 1),
+                           device=device)
+
+    def step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            loss = model_forward(model, tokens[:, :-1], tokens[:, 1:]).float().mean()
+            loss.backward()
+        return run
+
+    t_mask = _median_time(step(sparse), args.reps)
+    t_dense = _median_time(step(dense), args.reps)
+    n_tok = args.batch * args.seq_length
+    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} layers={args.layers} "
+          f"batch={args.batch} seq={args.seq_length} reps={args.reps}")
+    print(f"mask-learning step : {t_mask * 1e3:9.1f} ms  ({n_tok / t_mask:8.0f} tok/s)")
+    print(f"dense frozen step  : {t_dense * 1e3:9.1f} ms  ({n_tok / t_dense:8.0f} tok/s)")
+    print(f"ratio mask/dense   : {t_mask / t_dense:.3f}  (target <= 1.15)")
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()
