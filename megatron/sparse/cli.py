@@ -30,12 +30,17 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        type_name = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        type_name = str(f.type).replace(" | None", "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_text = docs.get(f.name, "")
         if type_name == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
+            continue
+        if type_name.startswith("list["):
+            parser.add_argument(flag, type=_TYPES[type_name[5:-1]], nargs="+",
+                                default=None if required else f.default_factory(),
+                                required=required, help=help_text)
             continue
         parser.add_argument(flag, type=_TYPES[type_name], default=None if required else f.default,
                             required=required, help=help_text)

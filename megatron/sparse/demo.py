@@ -1,0 +1,188 @@
+"""The end-to-end pipeline on the embedded default model, as a sequence of tool invocations.
+
+Each stage runs one of ``tools/*.py`` in a subprocess (the same commands a user types), prints
+the command and its wall time, and is skipped when its output already exists, so an interrupted
+demo resumes where it stopped. The result is a perplexity table (markdown) and a PNG of the
+mask-learning curves.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+@dataclass
+class DemoConfig:
+    """Demo settings, chosen by measurement on 2 CPU cores (see docs/demo.md)."""
+
+    work_dir: str = "runs/demo"
+    """Where checkpoints, data, logs and results go."""
+    tp: int = 1
+    """Tensor-parallel size (the embedded model has 9 heads / 3 KV heads: TP 1 or 3)."""
+    seq_length: int = 256
+    """Tokens per sequence for calibration, training and evaluation."""
+    calib_samples: int = 32
+    """Calibration sequences for the one-shot methods (and the prior)."""
+    eval_windows: int = 40
+    """Held-out windows for every perplexity in the table."""
+    train_iters: int = 60
+    """Mask-learning steps."""
+    global_batch_size: int = 4
+    """Sequences per mask-learning step."""
+    micro_batch_size: int = 2
+    """Sequences per forward pass."""
+    lr: float = 1e-2
+    """Mask-logits learning rate (the multiplier is 1 in the demo)."""
+    tau_start: float = 1.0
+    """Gumbel temperature at step 0."""
+    tau_end: float = 0.2
+    """Gumbel temperature at the end."""
+    kappa_start: float = 100.0
+    """Logit scaling at step 0."""
+    kappa_end: float = 500.0
+    """Logit scaling at the end."""
+    prior_strength: float = 10.0
+    """Prior strength: 10 reproduces the SparseGPT mask exactly at step 0."""
+    eval_interval: int = 20
+    """Held-out PPL every N mask-learning steps (for the curve)."""
+    methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
+    """One-shot baselines in the table."""
+
+
+class Pipeline:
+    """Runs the demo stages in order."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.work_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    def tool(self, name: str, *args: str, nproc: int = 1, capture: bool = False) -> str:
+        """Run ``tools/<name>.py`` (under torchrun when ``nproc > 1``); return stdout if captured."""
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                         str(nproc)]
+        cmd = [*launcher, str(TOOLS / f"{name}.py"), *args]
+        print(f"\n$ {shlex.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(cmd, check=False, text=True,
+                                stdout=subprocess.PIPE if capture else None)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"error: stage {name} failed (exit {result.returncode})")
+        return result.stdout if capture else ""
+
+    def ppl(self, checkpoint: Path) -> float:
+        """Held-out PPL of a checkpoint (cached next to it)."""
+        cache = checkpoint / "demo_ppl.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())["ppl"]
+        out = self.tool("eval_ppl", "--load", str(checkpoint), "--data", "embedded",
+                        "--seq-length", str(self.cfg.seq_length), "--max-windows",
+                        str(self.cfg.eval_windows), "--json", nproc=self.cfg.tp, capture=True)
+        result = json.loads(out.strip().splitlines()[-1])
+        cache.write_text(json.dumps(result))
+        return result["ppl"]
+
+    # -- stages ----------------------------------------------------------------------------------
+    def convert(self) -> Path:
+        out = self.root / "dense"
+        if not (out / "latest_checkpointed_iteration.txt").is_file():
+            self.tool("convert_hf_to_megatron", "--hf", "embedded", "--tp", str(self.cfg.tp),
+                      "--out", str(out))
+        return out
+
+    def preprocess(self) -> tuple[str, str]:
+        prefixes = []
+        for split in ("train", "eval"):
+            prefix = self.root / "data" / f"wiki_{split}"
+            if not Path(f"{prefix}.idx").is_file():
+                self.tool("preprocess_data", "--input", f"embedded-{split}", "--tokenizer",
+                          "embedded", "--out", str(prefix))
+            prefixes.append(str(prefix))
+        return prefixes[0], prefixes[1]
+
+    def prune(self, dense: Path, train_data: str, method: str, update: bool = False) -> Path:
+        out = self.root / (f"{method}_update" if update else method)
+        if not (out / "latest_checkpointed_iteration.txt").is_file():
+            self.tool("prune_oneshot", "--load", str(dense), "--method", method,
+                      *(["--update-weight"] if update else []), "--calib-data", train_data,
+                      "--calib-samples", str(self.cfg.calib_samples), "--seq-length",
+                      str(self.cfg.seq_length), "--save", str(out), nproc=self.cfg.tp)
+        return out
+
+    def learn(self, dense: Path, prior: Path, train_data: str, eval_data: str) -> Path:
+        cfg, out = self.cfg, self.root / "maskllm"
+        latest = out / "latest_checkpointed_iteration.txt"
+        if not (latest.is_file() and int(latest.read_text()) >= cfg.train_iters):
+            self.tool("train_mask", "--load", str(dense), "--prior", str(prior),
+                      "--prior-strength", str(cfg.prior_strength), "--data", train_data,
+                      "--eval-data", eval_data, "--eval-windows", str(cfg.eval_windows),
+                      "--eval-interval", str(cfg.eval_interval), "--save", str(out),
+                      "--seq-length", str(cfg.seq_length), "--micro-batch-size",
+                      str(cfg.micro_batch_size), "--global-batch-size",
+                      str(cfg.global_batch_size), "--train-iters", str(cfg.train_iters),
+                      "--lr", str(cfg.lr), "--min-lr", str(cfg.lr / 10), "--logits-lr-mult",
+                      "1", "--tau-start", str(cfg.tau_start), "--tau-end", str(cfg.tau_end),
+                      "--kappa-start", str(cfg.kappa_start), "--kappa-end", str(cfg.kappa_end),
+                      "--weight-decay", "0", "--log-interval", "5", nproc=cfg.tp)
+        return out
+
+    def plot(self, run: Path) -> Path:
+        """loss and held-out PPL vs step, from the trainer's metrics.jsonl."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        ppl = [(r["step"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(*zip(*loss), label="train CE (soft masks)")
+        ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.legend()
+        ax2.plot(*zip(*ppl), marker="o", label="held-out PPL (argmax masks)")
+        ax2.set_xlabel("step"), ax2.set_ylabel("perplexity"), ax2.legend()
+        fig.suptitle("MaskLLM on the embedded SmolLM2-135M")
+        fig.tight_layout()
+        path = self.root / "maskllm_curves.png"
+        fig.savefig(path, dpi=100)
+        return path
+
+    def table(self, rows: list[tuple[str, float]], dense_ppl: float) -> str:
+        lines = [f"| method | held-out PPL (seq {self.cfg.seq_length}) |", "|---|---|"]
+        lines += [f"| {name} | {ppl:.2f} |" for name, ppl in rows]
+        sgpt = dict(rows).get("SparseGPT")
+        mask = dict(rows).get("MaskLLM")
+        if sgpt and mask:
+            ratio = (mask - dense_ppl) / (sgpt - dense_ppl)
+            lines.append(f"\n(MaskLLM - dense) / (SparseGPT - dense) = {ratio:.3f}")
+        return "\n".join(lines)
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        dense = self.convert()
+        train_data, eval_data = self.preprocess()
+        rows = [("dense", self.ppl(dense))]
+        names = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+        pruned = {m: self.prune(dense, train_data, m) for m in self.cfg.methods}
+        rows += [(names[m], self.ppl(p)) for m, p in pruned.items()]
+        learned = self.learn(dense, pruned["sparsegpt"], train_data, eval_data)
+        rows.append(("MaskLLM", self.ppl(learned)))
+        table = self.table(rows, rows[0][1])
+        (self.root / "results.md").write_text(table + "\n")
+        plot = self.plot(learned)
+        print("\n" + table)
+        print(f"\ncurves: {plot}\nresults: {self.root / 'results.md'}")
+        print("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))
+        print(f"total wall time: {time.perf_counter() - start:.0f}s")
