@@ -178,6 +178,9 @@ class MaskTrainer:
         return None
 
     def _fresh_logits(self) -> None:
+        if self.meta.get("logits_are_init") and self.cfg.prior is None:
+            print_rank0(f"prior: the logits stored in {self.cfg.load} (an imported prior)")
+            return
         init_logits(self.model, self.cfg.seed)
         prior = self.cfg.prior
         if prior is None and self.meta.get("mask_source", "none") not in ("none", None):
@@ -247,7 +250,7 @@ class MaskTrainer:
     def save(self, step: int) -> None:
         if not self.cfg.save:
             return
-        meta = {k: v for k, v in self.meta.items() if k != "model"}
+        meta = {k: v for k, v in self.meta.items() if k not in ("model", "logits_are_init")}
         meta.update(mask_source="maskllm", base_checkpoint=self.meta.get("base_checkpoint",
                                                                          self.cfg.load))
         ckpt.save_checkpoint(
