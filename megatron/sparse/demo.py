@@ -102,15 +102,13 @@ class Pipeline:
                       "--out", str(out))
         return out
 
-    def preprocess(self) -> tuple[str, str]:
-        prefixes = []
-        for split in ("train", "eval"):
-            prefix = self.root / "data" / f"wiki_{split}"
-            if not Path(f"{prefix}.idx").is_file():
-                self.tool("preprocess_data", "--input", f"embedded-{split}", "--tokenizer",
-                          "embedded", "--out", str(prefix))
-            prefixes.append(str(prefix))
-        return prefixes[0], prefixes[1]
+    def preprocess(self) -> str:
+        """Tokenise the training split (evaluation tokenises the held-out text itself)."""
+        prefix = self.root / "data" / "wiki_train"
+        if not Path(f"{prefix}.idx").is_file():
+            self.tool("preprocess_data", "--input", "embedded-train", "--tokenizer", "embedded",
+                      "--out", str(prefix))
+        return str(prefix)
 
     def prune(self, dense: Path, train_data: str, method: str, update: bool = False) -> Path:
         out = self.root / (f"{method}_update" if update else method)
@@ -121,13 +119,13 @@ class Pipeline:
                       str(self.cfg.seq_length), "--save", str(out), nproc=self.cfg.tp)
         return out
 
-    def learn(self, dense: Path, prior: Path, train_data: str, eval_data: str) -> Path:
+    def learn(self, dense: Path, prior: Path, train_data: str) -> Path:
         cfg, out = self.cfg, self.root / "maskllm"
         latest = out / "latest_checkpointed_iteration.txt"
         if not (latest.is_file() and int(latest.read_text()) >= cfg.train_iters):
             self.tool("train_mask", "--load", str(dense), "--prior", str(prior),
                       "--prior-strength", str(cfg.prior_strength), "--data", train_data,
-                      "--eval-data", eval_data, "--eval-windows", str(cfg.eval_windows),
+                      "--eval-data", "embedded", "--eval-windows", str(cfg.eval_windows),
                       "--eval-interval", str(cfg.eval_interval), "--save", str(out),
                       "--seq-length", str(cfg.seq_length), "--micro-batch-size",
                       str(cfg.micro_batch_size), "--global-batch-size",
@@ -172,12 +170,12 @@ class Pipeline:
     def run(self) -> None:
         start = time.perf_counter()
         dense = self.convert()
-        train_data, eval_data = self.preprocess()
+        train_data = self.preprocess()
         rows = [("dense", self.ppl(dense))]
         names = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
         pruned = {m: self.prune(dense, train_data, m) for m in self.cfg.methods}
         rows += [(names[m], self.ppl(p)) for m, p in pruned.items()]
-        learned = self.learn(dense, pruned["sparsegpt"], train_data, eval_data)
+        learned = self.learn(dense, pruned["sparsegpt"], train_data)
         rows.append(("MaskLLM", self.ppl(learned)))
         table = self.table(rows, rows[0][1])
         (self.root / "results.md").write_text(table + "\n")

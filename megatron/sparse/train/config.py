@@ -62,7 +62,7 @@ class TrainConfig:
     eval_interval: int = 0
     """Held-out PPL with argmax masks every N steps (0: only at the end)."""
     eval_data: str | None = None
-    """Prefix of tokenised held-out data (default: no periodic eval)."""
+    """Held-out text as in ``tools/eval_ppl.py --data``: embedded, wikitext2 or a text file."""
     eval_windows: int = 16
     """Held-out windows of ``seq_length`` tokens per evaluation."""
     log_interval: int = 1

@@ -7,7 +7,6 @@ from the checkpoint written on SIGTERM/SIGUSR1 (Slurm preemption).
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 import zlib
@@ -20,6 +19,7 @@ from megatron.core import parallel_state
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse import mask as mask_ops
 from megatron.sparse.convert.sharding import full_shape, shard_tensor
+from megatron.sparse.eval.perplexity import megatron_perplexity
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.model import LlamaArgs, model_forward
 from megatron.sparse.parallel import is_main, print_rank0
@@ -109,21 +109,6 @@ def changed_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> f
     return float(counts[0] / counts[1])
 
 
-@torch.no_grad()
-def heldout_ppl(model: torch.nn.Module, windows: torch.Tensor, micro_batch_size: int) -> float:
-    """exp(mean CE) over ``[n, L]`` windows (each predicts its tokens 1..L-1) with argmax masks."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], micro_batch_size):
-        batch = windows[start:start + micro_batch_size]
-        losses = model_forward(model, batch[:, :-1], batch[:, 1:])
-        total += float(losses.double().sum())
-        count += losses.numel()
-    model.train(was_training)
-    return math.exp(total / count)
-
-
 class MaskTrainer:
     """Builds the run from a :class:`TrainConfig` and trains the mask logits."""
 
@@ -192,12 +177,14 @@ class MaskTrainer:
             print_rank0("prior: none (logits start from N(0, 0.01))")
 
     def _eval_windows(self) -> torch.Tensor | None:
+        """The same token windows ``tools/eval_ppl.py --data SPEC`` evaluates."""
         if not self.cfg.eval_data:
             return None
-        from megatron.sparse.data.indexed import read_token_windows
+        from megatron.sparse.data.tokenizer import load_tokenizer
+        from megatron.sparse.eval.datasets import eval_windows
 
-        return read_token_windows(self.cfg.eval_data, self.cfg.seq_length,
-                                  num_windows=self.cfg.eval_windows)
+        return eval_windows(self.cfg.eval_data, load_tokenizer(self.meta["tokenizer"]),
+                            seq_length=self.cfg.seq_length, max_windows=self.cfg.eval_windows)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _schedule(self, step: int) -> dict[str, float]:
@@ -262,7 +249,8 @@ class MaskTrainer:
     def evaluate(self, step: int) -> float | None:
         if self.eval_windows is None:
             return None
-        ppl = heldout_ppl(self.model, self.eval_windows, self.cfg.micro_batch_size)
+        ppl = megatron_perplexity(self.model, self.eval_windows,
+                                  micro_batch_size=self.cfg.micro_batch_size).ppl
         self.metrics.scalars(step, {"eval_ppl": ppl})
         print_rank0(f"step {step}: held-out PPL {ppl:.3f} (argmax masks)")
         return ppl
