@@ -1,0 +1,1 @@
+"""Perplexity evaluation, Megatron side and Hugging Face side, on one shared token stream."""
