@@ -1,0 +1,1 @@
+"""Export: trimmed HF checkpoints and the packed 2:4 mask file."""
