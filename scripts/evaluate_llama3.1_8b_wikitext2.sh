@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# WikiText-2 perplexity of a llama3.1-8b checkpoint at TP 8, seq 4096 (raw test split joined with
+# "\n\n", tokenized once, non-overlapping windows). Dense when the checkpoint has no masks.
+#
+#   CKPT=ckpts/llama3.1-8b-tp8-sparsegpt bash scripts/evaluate_llama3.1_8b_wikitext2.sh [--json]
+set -euo pipefail
+: "${CKPT:?set CKPT to a megatron-sparse checkpoint of llama3.1-8b}"
+exec torchrun --nproc-per-node "${NPROC:-8}" --master-port "${MASTER_PORT:-29500}" \
+    "$(dirname "$0")/../tools/eval_ppl.py" \
+    --load "$CKPT" --data "${DATA:-wikitext2}" --seq-length "${SEQ_LENGTH:-4096}" "$@"
