@@ -1,0 +1,1 @@
+"""Corpora, tokenizers and megatron ``.bin/.idx`` token files."""
