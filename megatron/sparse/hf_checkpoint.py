@@ -14,6 +14,7 @@ import torch
 from megatron.sparse.embedded import embedded_model_dir
 
 EMBEDDED = "embedded"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass
@@ -22,8 +23,8 @@ class HFCheckpoint:
 
     config: dict
     state: dict[str, torch.Tensor]
-    tokenizer: str
-    """``embedded`` or a directory/id that ``load_tokenizer`` understands."""
+    tokenizer: str | None
+    """``embedded``, a directory that ``load_tokenizer`` understands, or None (no files)."""
 
 
 def _resolve(spec: str) -> Path:
@@ -87,7 +88,9 @@ def load_hf_checkpoint(spec: str) -> HFCheckpoint:
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint")
     config = json.loads(config_path.read_text())
-    return HFCheckpoint(config=config, state=load_state(directory), tokenizer=str(directory))
+    has_tokenizer = any((directory / f).is_file() for f in TOKENIZER_FILES)
+    return HFCheckpoint(config=config, state=load_state(directory),
+                        tokenizer=str(directory) if has_tokenizer else None)
 
 
 def save_tokenizer(tokenizer_spec: str, out: Path) -> None:

@@ -16,6 +16,8 @@ def _take(hf: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torc
     if key not in hf:
         raise ValueError(f"missing weight {key} in the Hugging Face checkpoint")
     t = hf[key]
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{key} is a {type(t).__name__}, not a tensor")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{key} has shape {tuple(t.shape)}, expected {tuple(shape)} for this "
                          f"config")

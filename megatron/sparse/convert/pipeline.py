@@ -69,7 +69,10 @@ def convert_hf_to_megatron(hf: str, out: str | Path, *, tp: int, overwrite: bool
         shutil.rmtree(tmp)
     try:
         tokenizer = source.tokenizer
-        if tokenizer != "embedded":
+        if tokenizer is None:
+            log(f"warning: {hf} has no tokenizer files; tools that tokenise text will need a "
+                f"checkpoint with one")
+        elif tokenizer != "embedded":
             (tmp / "tokenizer").mkdir(parents=True)
             save_tokenizer(tokenizer, tmp / "tokenizer")
             tokenizer = str((out / "tokenizer").resolve())
