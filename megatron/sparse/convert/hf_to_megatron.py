@@ -36,25 +36,35 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: Llam
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
     """Convert a HF ``LlamaForCausalLM`` state dict; every tensor is checked by name and shape."""
-    h, hd = args.hidden_size, args.kv_channels
-    q_rows, kv_rows, ffn = args.num_attention_heads * hd, args.num_key_value_heads * hd, \
-        args.intermediate_size
+    h = args.hidden_size
     out = {"embedding.word_embeddings.weight":
            _take(hf, "model.embed_tokens.weight", (args.vocab_size, h)),
            "decoder.final_layernorm.weight": _take(hf, "model.norm.weight", (h,))}
     if not args.tie_word_embeddings:
         out["output_layer.weight"] = _take(hf, "lm_head.weight", (args.vocab_size, h))
+    out.update(linears_to_megatron(hf, args))
     for i in range(args.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = _take(hf, src + "self_attn.q_proj.weight", (q_rows, h))
-        k = _take(hf, src + "self_attn.k_proj.weight", (kv_rows, h))
-        v = _take(hf, src + "self_attn.v_proj.weight", (kv_rows, h))
-        out[dst + "self_attention.linear_qkv.weight"] = interleave_qkv(q, k, v, args)
-        out[dst + "self_attention.linear_proj.weight"] = _take(
-            hf, src + "self_attn.o_proj.weight", (h, q_rows))
         out[dst + "input_layernorm.weight"] = _take(hf, src + "input_layernorm.weight", (h,))
         out[dst + "pre_mlp_layernorm.weight"] = _take(
             hf, src + "post_attention_layernorm.weight", (h,))
+    return out
+
+
+def linears_to_megatron(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
+    """Only the 4 sparse linears of every layer (weights or same-shaped masks), HF -> megatron."""
+    h, hd = args.hidden_size, args.kv_channels
+    q_rows, kv_rows = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    ffn = args.intermediate_size
+    out = {}
+    for i in range(args.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[dst + "self_attention.linear_qkv.weight"] = interleave_qkv(
+            _take(hf, src + "self_attn.q_proj.weight", (q_rows, h)),
+            _take(hf, src + "self_attn.k_proj.weight", (kv_rows, h)),
+            _take(hf, src + "self_attn.v_proj.weight", (kv_rows, h)), args)
+        out[dst + "self_attention.linear_proj.weight"] = _take(
+            hf, src + "self_attn.o_proj.weight", (h, q_rows))
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             [_take(hf, src + "mlp.gate_proj.weight", (ffn, h)),
              _take(hf, src + "mlp.up_proj.weight", (ffn, h))], dim=0)

@@ -1,0 +1,98 @@
+"""Export learned (or one-shot) 2:4 masks to Hugging Face, and import mask files back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron.sparse import checkpoint as ckpt
+from megatron.sparse.convert.hf_to_megatron import linears_to_megatron
+from megatron.sparse.convert.megatron_to_hf import linear_to_hf, megatron_to_hf
+from megatron.sparse.convert.pipeline import (_dtype_of, check_output_dir, hf_config_from_args)
+from megatron.sparse.convert.sharding import shard_tensor
+from megatron.sparse.export.maskfile import expected_mask_shapes, load_mask_file, save_mask_file
+from megatron.sparse.export.trim import eval_masks, masked_state_dict
+from megatron.sparse.hf_checkpoint import save_hf_checkpoint
+from megatron.sparse.layers import sparse_layers
+from megatron.sparse.mask import is_two_four
+
+MASK_FILE = "masks.npz"
+
+
+def hf_config(meta: dict, args) -> dict:
+    """The HF config recorded at conversion, or one rebuilt from the model args."""
+    return meta.get("hf_config") or hf_config_from_args(args)
+
+
+def hf_masks(masks: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
+    """Megatron ``{linear weight key: mask}`` -> ``{HF weight key + ".mask": mask}``."""
+    out = {}
+    for key, mask in masks.items():
+        for hf_key, hf_mask in linear_to_hf(key, mask, args).items():
+            out[hf_key + ".mask"] = hf_mask
+    return out
+
+
+def export_hf(load: str, out: str | Path, *, mask_file: str | Path | None = None,
+              overwrite: bool = False, log=print) -> tuple[Path, Path]:
+    """Trim a checkpoint (any TP) to a masked HF safetensors dir plus the packed mask file."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    meta = ckpt.read_checkpoint_meta(load)
+    if meta.get("mask_source", "none") in ("none", None):
+        raise ValueError(f"{load} holds no masks (mask_source 'none'); prune it "
+                         f"(tools/prune_oneshot.py) or learn masks (tools/train_mask.py) first")
+    model, args = ckpt.load_model(load, params_dtype=_dtype_of(meta))
+    masks = eval_masks(model)
+    bad = [k for k, m in masks.items() if not is_two_four(m)]
+    if bad:
+        raise ValueError(f"masks of {bad[0]} are not 2:4")
+    state = megatron_to_hf(masked_state_dict(model, masks), args)
+    save_hf_checkpoint(out, config=hf_config(meta, args), state=state,
+                       tokenizer=meta.get("tokenizer"), overwrite=overwrite)
+    mask_path = Path(mask_file) if mask_file else out / MASK_FILE
+    save_mask_file(mask_path, hf_masks(masks, args))
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    log(f"exported {len(masks)} sparse linears ({kept / total:.1%} of their weights kept, source "
+        f"{meta.get('mask_source')}) to {out}; masks in {mask_path} "
+        f"({mask_path.stat().st_size / 2**20:.2f} MiB)")
+    return out, mask_path
+
+
+@torch.no_grad()
+def import_masks(load: str, mask_file: str, save: str, *, as_prior: bool, strength: float,
+                 seed: int = 1234, overwrite: bool = False, log=print) -> None:
+    """Load a packed mask file into a checkpoint at the current TP, as fixed masks or a prior."""
+    from megatron.sparse.prune.apply import logits_for_mask
+    from megatron.sparse.train.loop import init_logits
+
+    if Path(save).resolve() == Path(load).resolve():
+        raise ValueError("--save must differ from --load (the source checkpoint stays untouched)")
+    if ckpt.latest_iteration(save) is not None and not overwrite:
+        raise FileExistsError(f"{save} already holds a checkpoint; pass --overwrite")
+    meta = ckpt.read_checkpoint_meta(load)
+    args = ckpt.read_model_args(load)
+    shapes = expected_mask_shapes(hf_config(meta, args))
+    masks = linears_to_megatron({k.removesuffix(".mask"): v
+                                 for k, v in load_mask_file(mask_file, shapes).items()}, args)
+    model, _ = ckpt.load_model(load, params_dtype=_dtype_of(meta))
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    if as_prior:
+        init_logits(model, seed)
+    for name, layer in sparse_layers(model):
+        local = shard_tensor(f"{name}.weight", masks[f"{name}.weight"], tp)[rank]
+        if as_prior:
+            layer.set_mask_prior(local, strength)
+        else:
+            layer.mask_logits.copy_(logits_for_mask(local))
+    out_meta = {k: v for k, v in meta.items() if k != "model"}
+    out_meta["mask_source"] = f"imported-{'prior' if as_prior else 'fixed'}:{Path(mask_file).name}"
+    out_meta["logits_are_init"] = as_prior
+    ckpt.save_checkpoint(save, model, iteration=0, args=args, meta=out_meta)
+    log(f"imported {len(masks)} masks from {mask_file} as "
+        f"{'a prior (strength ' + str(strength) + ')' if as_prior else 'fixed masks'}; "
+        f"saved {save}")
