@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Hugging Face LLaMA-2 7B -> megatron-sparse checkpoint for TP=8.
+#   HF=/models/Llama-2-7b-hf OUT=ckpts/llama2-7b-tp8 bash scripts/convert_llama2_7b_tp8.sh [--overwrite]
+set -euo pipefail
+HF=${HF:-meta-llama/Llama-2-7b-hf}
+OUT=${OUT:-ckpts/llama2-7b-tp8}
+exec python "$(dirname "$0")/../tools/convert_hf_to_megatron.py" --hf "$HF" --tp 8 --out "$OUT" "$@"
