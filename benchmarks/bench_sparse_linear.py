@@ -10,27 +10,14 @@ dense layer *with* a trainable weight; the frozen-weight dense time is printed f
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
 from megatron.sparse import parallel
+from timing import median_time
 from megatron.sparse.layers import SparseColumnParallelLinear
 from megatron.sparse.model import LlamaArgs
-
-
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def _step(layer, x):
@@ -56,9 +43,9 @@ def bench_shape(in_f: int, out_f: int, tokens: int, *, reps: int, dtype, device)
     frozen.weight.requires_grad_(False)
     sparse.train()
     x = torch.randn(tokens, 1, in_f, dtype=dtype, device=device, requires_grad=True)
-    t_sparse = _time(_step(sparse, x), reps)
-    t_dense = _time(_step(dense, x), reps)
-    t_frozen = _time(_step(frozen, x), reps)
+    t_sparse = median_time(_step(sparse, x), reps)
+    t_dense = median_time(_step(dense, x), reps)
+    t_frozen = median_time(_step(frozen, x), reps)
     return {"sparse": t_sparse, "dense": t_dense, "frozen": t_frozen}
 
 

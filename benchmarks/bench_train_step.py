@@ -10,30 +10,17 @@ gradients (one GEMM per linear) and the Gumbel-softmax mask math. Both run side 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from megatron.sparse import parallel
+from timing import median_time
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.model import LlamaArgs, model_forward
 
 SMOLLM2_135M = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, vocab_size=49152, rope_theta=100000.0,
                     tie_word_embeddings=True, max_position_embeddings=8192)
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -67,8 +54,8 @@ def main() -> None:
             loss.backward()
         return run
 
-    t_mask = _median_time(step(sparse), args.reps)
-    t_dense = _median_time(step(dense), args.reps)
+    t_mask = median_time(step(sparse), args.reps)
+    t_dense = median_time(step(dense), args.reps)
     n_tok = args.batch * args.seq_length
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} layers={args.layers} "
           f"batch={args.batch} seq={args.seq_length} reps={args.reps}")

@@ -1,28 +1,8 @@
 #!/usr/bin/env bash
-# MaskLLM on LLaMA-2 7B with the paper's settings: TP 8, global batch 256 x 4096 tokens,
-# 2000 iterations, tau 4 -> 0.05, kappa 1e2 -> 5e2, lambda 1e-5, lr 5e-5 (x10 on the logits),
-# SparseGPT prior at strength 3. Re-running the same command resumes from $SAVE.
+# MaskLLM on LLaMA-2 7B with the paper's settings (see _train_mask_tp8.sh). Re-running the same
+# command resumes from $SAVE.
 #
 #   CKPT=ckpts/llama2-7b-tp8 PRIOR=ckpts/llama2-7b-tp8-sparsegpt DATA=data/c4_llama2_text_document \
 #   SAVE=ckpts/llama2-7b-tp8-maskllm bash scripts/train_mask_llama2_7b_tp8.sh [extra flags]
 set -euo pipefail
-: "${CKPT:?set CKPT to a converted TP=8 checkpoint}"
-: "${DATA:?set DATA to a tokenised .bin/.idx prefix}"
-: "${SAVE:?set SAVE to the output directory}"
-PRIOR=${PRIOR:-}
-NPROC=${NPROC:-8}
-TP=${TP:-8}
-EVAL_DATA=${EVAL_DATA:-}
-# Slurm preemption: torchrun ignores SIGUSR1; the trainer ranks catch it, checkpoint and exit 0.
-trap '' USR1
-exec torchrun --nproc-per-node "$NPROC" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
-    --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-    "$(dirname "$0")/../tools/train_mask.py" \
-    --tp "$TP" --load "$CKPT" --data "$DATA" --save "$SAVE" \
-    ${PRIOR:+--prior "$PRIOR" --prior-strength 3} \
-    ${EVAL_DATA:+--eval-data "$EVAL_DATA" --eval-interval 200} \
-    --seq-length 4096 --micro-batch-size 1 --global-batch-size 256 --train-iters 2000 \
-    --tau-start 4 --tau-end 0.05 --kappa-start 100 --kappa-end 500 --reg-lambda 1e-5 \
-    --lr 5e-5 --min-lr 5e-6 --warmup-iters 0 --logits-lr-mult 10 \
-    --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 \
-    --save-interval 100 --log-interval 10 "$@"
+MODEL_TAG=llama2-7b exec bash "$(dirname "$0")/_train_mask_tp8.sh" "$@"

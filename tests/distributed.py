@@ -9,17 +9,14 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from megatron.sparse.parallel import free_port
 
-
-def _worker(rank: int, world: int, port: int, tp: int, fn, args, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _worker(rank: int, world: int, tp: int, fn, args, out_path: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from megatron.sparse import parallel
 
     try:
-        parallel.initialize(tp)
+        parallel.initialize(tp, init_method=f"file://{out_path}.rendezvous")
         result = fn(*args)
         if rank == 0:
             torch.save(result, out_path)
@@ -40,8 +37,8 @@ def run_distributed(fn, world_size: int, *args, tp: int | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         try:
-            mp.start_processes(_worker, args=(world_size, free_port(), tp or world_size, fn, args,
-                                              out), nprocs=world_size, join=True,
+            mp.start_processes(_worker, args=(world_size, tp or world_size, fn, args, out),
+                               nprocs=world_size, join=True,
                                start_method="spawn")
         except Exception as exc:
             errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))

@@ -164,3 +164,20 @@ def test_bad_inputs_one_line_error_and_nothing_written(tmp_path, case, message):
     assert after == before  # no output, no temporary leftovers
     if case == "exists":
         assert (out / "latest_checkpointed_iteration.txt").read_text() == "0"
+
+
+@pytest.mark.slow
+def test_embedded_model_matches_transformers_on_real_text(tmp_path):
+    from megatron.sparse.data.tokenizer import encode, load_tokenizer
+    from megatron.sparse.embedded import load_embedded_model
+
+    result = _convert("embedded", tmp_path / "meg", 3)
+    assert result.returncode == 0, result.stderr
+    text = "The Academy Awards are the oldest awards ceremony for achievements in motion pictures."
+    tokens = torch.tensor([encode(load_tokenizer("embedded"), text)])
+    with torch.no_grad():
+        expected = load_embedded_model()(tokens).logits
+    for tp in (1, 3):  # 9 heads / 3 KV heads: TP 1 or 3
+        got = run_distributed(_megatron_logits, tp, str(tmp_path / "meg"), tokens)
+        diff = (got - expected).abs().max().item()
+        assert diff <= 1e-3, f"TP={tp}: max abs diff {diff}"

@@ -24,10 +24,8 @@ def _tool(name, *args):
 
 
 def _torchrun(nproc, name, *args):
-    from megatron.sparse.parallel import free_port
-
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                           str(nproc), "--master-port", str(free_port()),
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", str(nproc),
                            str(TOOLS / f"{name}.py"), *map(str, args)],
                           capture_output=True, text=True)
 

@@ -74,17 +74,11 @@ def test_tp_and_dp_give_the_same_losses(setup):
 
 
 def _launch(args, log, *, nproc: int = 2):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                 "--master-port", str(_port())] if nproc > 1 else [sys.executable])
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable])
     cmd = [*launcher, str(REPO / "tools" / "train_mask.py"), *args]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _port():
-    from megatron.sparse.parallel import free_port
-
-    return free_port()
 
 
 def _load_logits(root: str):

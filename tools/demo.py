@@ -2,7 +2,8 @@
 """The megatron-sparse pipeline on the embedded default model (SmolLM2-135M), on CPU.
 
 convert -> preprocess -> one-shot baselines -> MaskLLM from the SparseGPT prior -> PPL table,
-curves PNG. Stages whose output exists are skipped; delete --work-dir to start over.
+curves PNG -> export to Hugging Face (masked safetensors + masks.npz), re-evaluated with
+transformers. Stages whose output exists are skipped; delete --work-dir to start over.
 """
 
 from __future__ import annotations

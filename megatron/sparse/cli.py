@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import warnings
 from typing import Any, Callable
 
 _TYPES: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
@@ -51,8 +52,14 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+# Deprecation notices raised inside megatron-core / torch.distributed.checkpoint on every load;
+# nothing a user of the tools can act on.
+_LIBRARY_NOISE = r"(megatron\.core|torch\.distributed\.checkpoint)(\.|$)"
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run a tool's main; user errors become ``error: ...`` on stderr and exit status 2."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARY_NOISE)
     try:
         main()
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

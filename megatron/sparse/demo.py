@@ -2,13 +2,15 @@
 
 Each stage runs one of ``tools/*.py`` in a subprocess (the same commands a user types), prints
 the command and its wall time, and is skipped when its output already exists, so an interrupted
-demo resumes where it stopped. The result is a perplexity table (markdown) and a PNG of the
-mask-learning curves.
+demo resumes where it stopped. The result is a perplexity table (markdown), a PNG of the
+mask-learning curves and a Hugging Face export of the learned masks (masked safetensors + packed
+mask file) whose perplexity is re-measured with ``transformers`` alone.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -68,6 +70,10 @@ class Pipeline:
         self.root = Path(cfg.work_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        # megatron-core warns at import that TE/apex are missing; expected on CPU, so not shown.
+        quiet = "ignore:Transformer Engine and Apex are not installed"
+        self.env = {**os.environ, "PYTHONWARNINGS": ",".join(
+            w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)}
 
     def tool(self, name: str, *args: str, nproc: int = 1, capture: bool = False) -> str:
         """Run ``tools/<name>.py`` (under torchrun when ``nproc > 1``); return stdout if captured."""
@@ -78,24 +84,28 @@ class Pipeline:
         cmd = [*launcher, str(TOOLS / f"{name}.py"), *args]
         print(f"\n$ {shlex.join(cmd)}", flush=True)
         start = time.perf_counter()
-        result = subprocess.run(cmd, check=False, text=True,
+        result = subprocess.run(cmd, check=False, text=True, env=self.env,
                                 stdout=subprocess.PIPE if capture else None)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(f"error: stage {name} failed (exit {result.returncode})")
         return result.stdout if capture else ""
 
-    def ppl(self, checkpoint: Path) -> float:
-        """Held-out PPL of a checkpoint (cached next to it)."""
-        cache = checkpoint / "demo_ppl.json"
+    def _cached_ppl(self, cache: Path, name: str, *args: str, nproc: int = 1) -> float:
+        """Run an evaluation tool with ``--json`` once; later runs read ``cache``."""
         if cache.is_file():
             return json.loads(cache.read_text())["ppl"]
-        out = self.tool("eval_ppl", "--load", str(checkpoint), "--data", "embedded",
-                        "--seq-length", str(self.cfg.seq_length), "--max-windows",
-                        str(self.cfg.eval_windows), "--json", nproc=self.cfg.tp, capture=True)
+        out = self.tool(name, *args, "--data", "embedded", "--seq-length",
+                        str(self.cfg.seq_length), "--max-windows", str(self.cfg.eval_windows),
+                        "--json", nproc=nproc, capture=True)
         result = json.loads(out.strip().splitlines()[-1])
         cache.write_text(json.dumps(result))
         return result["ppl"]
+
+    def ppl(self, checkpoint: Path) -> float:
+        """Held-out PPL of a Megatron checkpoint (cached next to it)."""
+        return self._cached_ppl(checkpoint / "demo_ppl.json", "eval_ppl", "--load",
+                                str(checkpoint), nproc=self.cfg.tp)
 
     # -- stages ----------------------------------------------------------------------------------
     def convert(self) -> Path:
@@ -140,6 +150,23 @@ class Pipeline:
                       "--log-interval", "5", nproc=cfg.tp)
         return out
 
+    def export(self, learned: Path) -> tuple[Path, Path]:
+        """Masked safetensors + packed mask file of the learned masks."""
+        out = self.root / "hf_maskllm"
+        if not (out / "config.json").is_file():
+            self.tool("export_hf", "--load", str(learned), "--out", str(out))
+        return out, out / "masks.npz"
+
+    def hf_ppl(self, export_dir: Path, mask_file: Path) -> dict[str, float]:
+        """PPL with transformers alone: the dense model + mask file, and the masked export."""
+        return {
+            "HF dense + masks.npz": self._cached_ppl(
+                self.root / "hf_mask_ppl.json", "eval_hf_ppl", "--model", "embedded", "--mask",
+                str(mask_file)),
+            "HF masked safetensors": self._cached_ppl(
+                self.root / "hf_export_ppl.json", "eval_hf_ppl", "--model", str(export_dir)),
+        }
+
     def plot(self, run: Path) -> Path:
         """loss and held-out PPL vs step, from the trainer's metrics.jsonl."""
         import matplotlib
@@ -181,7 +208,12 @@ class Pipeline:
         rows += [(names[m], self.ppl(p)) for m, p in pruned.items()]
         learned = self.learn(dense, pruned["sparsegpt"], train_data)
         rows.append(("MaskLLM", self.ppl(learned)))
+        export_dir, mask_file = self.export(learned)
+        hf = self.hf_ppl(export_dir, mask_file)
         table = self.table(rows, rows[0][1])
+        table += "\n\nMaskLLM export, re-measured with transformers alone:\n"
+        table += "\n".join(f"- {name}: {ppl:.2f}" for name, ppl in hf.items())
+        table += f"\n- mask file: {mask_file} ({mask_file.stat().st_size / 2**20:.2f} MiB)"
         (self.root / "results.md").write_text(table + "\n")
         plot = self.plot(learned)
         print("\n" + table)

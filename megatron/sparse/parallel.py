@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 
 import torch
@@ -14,27 +13,26 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.sparse.compat import apply_cpu_shim, default_backend
 
 
-def free_port() -> int:
-    """An unused localhost TCP port for a single-node rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def initialize(tp_size: int = 1, *, seed: int = 1234, backend: str | None = None) -> None:
+def initialize(tp_size: int = 1, *, seed: int = 1234, backend: str | None = None,
+               init_method: str | None = None) -> None:
     """Start the process group (torchrun env, or a 1-process group) and megatron's TP groups.
 
-    ``tp_size`` must divide the world size; the remaining factor is data parallel.
+    ``tp_size`` must divide the world size; the remaining factor is data parallel. A process
+    started without ``torchrun`` (no ``MASTER_PORT``, world size 1) rendezvouses through an
+    in-memory store, so it never races other processes for a TCP port. ``init_method`` (for
+    example ``file:///tmp/x``) overrides the environment rendezvous.
     """
     apply_cpu_shim()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend or default_backend(), rank=rank, world_size=world)
+        kwargs: dict = {"init_method": init_method} if init_method else {}
+        if not init_method and world == 1 and "MASTER_PORT" not in os.environ:
+            kwargs = {"store": dist.HashStore()}
+        dist.init_process_group(backend or default_backend(), rank=rank, world_size=world,
+                                **kwargs)
     world = dist.get_world_size()
     if tp_size < 1 or world % tp_size != 0:
         raise ValueError(f"--tp {tp_size} does not divide the number of processes ({world}); "
