@@ -15,9 +15,10 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
 from megatron.sparse import parallel
-from timing import median_time
 from megatron.sparse.layers import SparseColumnParallelLinear
 from megatron.sparse.model import LlamaArgs
+
+from timing import median_time  # benchmarks/timing.py
 
 
 def _step(layer, x):

@@ -14,9 +14,10 @@ import argparse
 import torch
 
 from megatron.sparse import parallel
-from timing import median_time
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.model import LlamaArgs, model_forward
+
+from timing import median_time  # benchmarks/timing.py
 
 SMOLLM2_135M = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                     intermediate_size=1536, vocab_size=49152, rope_theta=100000.0,

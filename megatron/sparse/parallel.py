@@ -28,9 +28,12 @@ def initialize(tp_size: int = 1, *, seed: int = 1234, backend: str | None = None
         world = int(os.environ.get("WORLD_SIZE", 1))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        kwargs: dict = {"init_method": init_method} if init_method else {}
-        if not init_method and world == 1 and "MASTER_PORT" not in os.environ:
+        if init_method:
+            kwargs = {"init_method": init_method}
+        elif world == 1 and "MASTER_PORT" not in os.environ:
             kwargs = {"store": dist.HashStore()}
+        else:
+            kwargs = {}  # torchrun's env:// rendezvous
         dist.init_process_group(backend or default_backend(), rank=rank, world_size=world,
                                 **kwargs)
     world = dist.get_world_size()
