@@ -112,7 +112,9 @@ def test_windows():
     stream = torch.arange(23)
     w = cut_windows(stream, seq_length=5)
     assert w.shape == (4, 5) and w[1].tolist() == [5, 6, 7, 8, 9]
-    assert cut_windows(stream, seq_length=5, max_windows=2).shape == (2, 5)
+    spread = cut_windows(stream, seq_length=5, max_windows=2)  # windows 0 and 2 of 4
+    assert spread[:, 0].tolist() == [0, 10] and spread.shape == (2, 5)
+    assert torch.equal(cut_windows(stream, seq_length=5, max_windows=9), w)
     with pytest.raises(ValueError, match="fewer than one window of 30"):
         cut_windows(stream, seq_length=30)
 

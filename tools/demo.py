@@ -14,7 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron.sparse.cli import add_dataclass_args, dataclass_from_args, run_main  # noqa: E402
+from megatron.sparse.cli import (  # noqa: E402
+    add_dataclass_args, dataclass_from_args, quiet_library_notices, run_main,
+)
+
+quiet_library_notices()  # megatron-core warns at import time
+
 from megatron.sparse.demo import DemoConfig, Pipeline  # noqa: E402
 
 

@@ -17,7 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron.sparse.cli import run_main  # noqa: E402
+from megatron.sparse.cli import quiet_library_notices, run_main  # noqa: E402
+
+quiet_library_notices()  # megatron-core warns at import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True,
                    help="embedded (held-out embedded corpus), wikitext2, or a raw text file")
     p.add_argument("--seq-length", type=int, required=True, help="window length in tokens")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate N windows evenly spaced over the data")
     p.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward")
     p.add_argument("--json", action="store_true",
                    help='print one JSON line {"ppl": ..., "tokens": ..., "seq_length": ...}')

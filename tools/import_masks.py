@@ -16,8 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron.sparse.cli import quiet_library_notices, run_main  # noqa: E402
+
+quiet_library_notices()  # megatron-core warns at import time
+
 from megatron.sparse import parallel  # noqa: E402
-from megatron.sparse.cli import run_main  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron.sparse.cli import run_main  # noqa: E402
+from megatron.sparse.cli import quiet_library_notices, run_main  # noqa: E402
+
+quiet_library_notices()  # megatron-core warns at import time
 
 
 def main() -> None:

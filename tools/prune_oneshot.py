@@ -19,9 +19,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron.sparse.cli import quiet_library_notices, run_main  # noqa: E402
+
+quiet_library_notices()  # megatron-core warns at import time
+
 import torch  # noqa: E402
 
-from megatron.sparse.cli import run_main  # noqa: E402
 from megatron.sparse.prune.calibration import METHODS  # noqa: E402
 
 

@@ -55,11 +55,24 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace):
 # Deprecation notices raised inside megatron-core / torch.distributed.checkpoint on every load;
 # nothing a user of the tools can act on.
 _LIBRARY_NOISE = r"(megatron\.core|torch\.distributed\.checkpoint)(\.|$)"
+# megatron-core's notices that it falls back to torch modules (expected without the GPU extras)
+# and that its own default CUDA-graph scope is deprecated.
+_INTERNAL_NOTICE = (r"((Transformer Engine and )?Apex (is|are) not installed"
+                    r"|full scope is deprecated)")
+
+
+def quiet_library_notices() -> None:
+    """Hide library warnings a tool's user cannot act on.
+
+    Entry points call it before importing megatron-core, which warns at import time.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARY_NOISE)
+    warnings.filterwarnings("ignore", message=_INTERNAL_NOTICE, category=UserWarning)
 
 
 def run_main(main: Callable[[], Any]) -> None:
     """Run a tool's main; user errors become ``error: ...`` on stderr and exit status 2."""
-    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARY_NOISE)
+    quiet_library_notices()
     try:
         main()
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

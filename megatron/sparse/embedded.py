@@ -42,7 +42,17 @@ def load_embedded_model():
 
 @lru_cache(maxsize=1)
 def load_embedded_tokenizer():
-    """The embedded model's tokenizer (read from the GGUF file)."""
+    """The embedded model's tokenizer, read from the GGUF file once and then from the cache."""
+    import transformers
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=GGUF_FILE)
+    from megatron.sparse.cache import cached_entry, source_key
+
+    gguf = embedded_model_dir() / GGUF_FILE
+
+    def from_gguf():
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=GGUF_FILE)
+
+    key = source_key(gguf, transformers.__version__)
+    saved = cached_entry("smollm2-tokenizer", key, lambda d: from_gguf().save_pretrained(d))
+    return AutoTokenizer.from_pretrained(saved) if saved else from_gguf()

@@ -36,10 +36,25 @@ def embedded_dump_path() -> Path:
 
 @lru_cache(maxsize=1)
 def _all_articles() -> tuple[str, ...]:
+    """All cleaned main-namespace articles in dump order (cached on disk after the first run)."""
+    from importlib.metadata import version
+
+    from megatron.sparse.cache import cached_entry, source_key
+
+    dump = embedded_dump_path()
+    saved = cached_entry("wiki-articles", source_key(dump, version("gensim")),
+                         lambda d: (d / "articles.json").write_text(
+                             json.dumps(_clean_articles(dump)), encoding="utf-8"))
+    if saved is None:
+        return tuple(_clean_articles(dump))
+    return tuple(json.loads((saved / "articles.json").read_text(encoding="utf-8")))
+
+
+def _clean_articles(path: Path) -> list[str]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     articles = []
-    with bz2.open(embedded_dump_path(), "rb") as dump:
+    with bz2.open(path, "rb") as dump:
         for title, text, _page_id in extract_pages(dump, filter_namespaces=("0",)):
             if not text or text.lstrip().lower().startswith("#redirect"):
                 continue
@@ -47,7 +62,7 @@ def _all_articles() -> tuple[str, ...]:
             body = "\n".join(line.strip() for line in plain.splitlines() if line.strip())
             if body:
                 articles.append(f"{title}\n\n{body}")
-    return tuple(articles)
+    return articles
 
 
 def embedded_articles(split: str) -> list[str]:

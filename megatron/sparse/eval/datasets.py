@@ -76,7 +76,12 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 def cut_windows(tokens: torch.Tensor, *, seq_length: int, max_windows: int | None = None,
                 what: str = "evaluation data") -> torch.Tensor:
-    """``[n, seq_length]`` non-overlapping windows of a 1-D token stream (tail dropped)."""
+    """``[n, seq_length]`` non-overlapping windows of a 1-D token stream (tail dropped).
+
+    With ``max_windows`` below the number of windows, that many windows are taken evenly spaced
+    over the whole stream (window ``i * count // max_windows``), so a subset still covers every
+    part of the text instead of only its first article.
+    """
     if seq_length < 2:
         raise ValueError(f"--seq-length must be at least 2, got {seq_length}")
     count = tokens.numel() // seq_length
@@ -86,8 +91,10 @@ def cut_windows(tokens: torch.Tensor, *, seq_length: int, max_windows: int | Non
     if max_windows is not None:
         if max_windows < 1:
             raise ValueError(f"--max-windows must be >= 1, got {max_windows}")
-        count = min(count, max_windows)
-    return tokens[:count * seq_length].reshape(count, seq_length).clone()
+    windows = tokens[:count * seq_length].reshape(count, seq_length)
+    if max_windows is not None and max_windows < count:
+        windows = windows[torch.arange(max_windows) * count // max_windows]
+    return windows.clone()
 
 
 def eval_windows(data: str, tokenizer, *, seq_length: int,

@@ -130,7 +130,8 @@ class MaskTrainer:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(
             [{"params": self.logits, "lr": cfg.lr * cfg.logits_lr_mult}],
-            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay)
         self.step = 0
         if resume_root:
             directory = ckpt.resolve_iteration(resume_root)
