@@ -13,6 +13,7 @@ import torch
 from megatron.sparse import checkpoint
 from megatron.sparse.layers import sparse_layers
 from megatron.sparse.train.config import TrainConfig
+from megatron.sparse.train.metrics import HISTORY_FILE, MetricsLogger, read_history
 from tests.distributed import run_distributed
 from tests.train_fixtures import tiny_checkpoint, write_tokens
 
@@ -168,3 +169,14 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, case, match):
         cfg = _cfg(base, data, prior=other)
     message = run_distributed(_expect_error, 1, cfg)
     assert message is not None and match in message, message
+
+
+def test_history_reads_back_what_the_logger_wrote(tmp_path):
+    logger = MetricsLogger(enabled=True, total_steps=2, tensorboard_dir=None,
+                           history_path=str(tmp_path / HISTORY_FILE), wandb_project=None,
+                           config={})
+    logger.scalars(1, {"loss": 4.5, "lr": 0.01})
+    logger.scalars(2, {"eval_ppl": 91.5})
+    logger.close()
+    assert read_history(tmp_path) == [{"step": 1, "loss": 4.5, "lr": 0.01},
+                                      {"step": 2, "eval_ppl": 91.5}]

@@ -72,7 +72,6 @@ def quiet_library_notices() -> None:
 
 def run_main(main: Callable[[], Any]) -> None:
     """Run a tool's main; user errors become ``error: ...`` on stderr and exit status 2."""
-    quiet_library_notices()
     try:
         main()
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron.sparse.train.metrics import read_history
+
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
@@ -112,8 +114,7 @@ class Pipeline:
         It runs the same windows through the same code as ``tools/eval_ppl.py``, so a second
         process would only repeat it; the HF-side check re-measures it independently.
         """
-        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        final = [r["eval_ppl"] for r in evals if "eval_ppl" in r and
+        final = [r["eval_ppl"] for r in read_history(run) if "eval_ppl" in r and
                  r["step"] == self.cfg.train_iters]
         return final[-1] if final else self.ppl(run)
 
@@ -185,7 +186,7 @@ class Pipeline:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = read_history(run)
         loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         ppl = [(r["step"], r["eval_ppl"]) for r in rows if "eval_ppl" in r]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

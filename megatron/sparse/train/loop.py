@@ -26,7 +26,7 @@ from megatron.sparse.parallel import is_main, print_rank0
 from megatron.sparse.train import schedules
 from megatron.sparse.train.config import TrainConfig
 from megatron.sparse.train.data import TrainBatches
-from megatron.sparse.train.metrics import MetricsLogger
+from megatron.sparse.train.metrics import HISTORY_FILE, MetricsLogger
 from megatron.sparse.train.state import read_train_state, restore_train_state, write_train_state
 
 
@@ -151,7 +151,7 @@ class MaskTrainer:
         self.metrics = MetricsLogger(
             enabled=is_main(), total_steps=cfg.train_iters,
             tensorboard_dir=cfg.tensorboard_dir or (str(save / "tensorboard") if save else None),
-            history_path=str(save / "metrics.jsonl") if save else None,
+            history_path=str(save / HISTORY_FILE) if save else None,
             wandb_project=cfg.wandb_project, config=cfg.to_dict())
 
     # -- set-up ----------------------------------------------------------------------------------

@@ -7,6 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+HISTORY_FILE = "metrics.jsonl"
+"""The JSONL history a run writes into its ``--save`` directory, one record per log/eval."""
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``<run_dir>/metrics.jsonl`` in write order (``step`` plus scalars)."""
+    lines = (Path(run_dir) / HISTORY_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
 
 def _eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
