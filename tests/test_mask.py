@@ -28,11 +28,15 @@ def test_hard_mask_is_two_four_in_every_group():
     assert torch.equal(M.hard_mask(logits), M.candidate_matrix(torch.bool)[idx])
 
 
+def _draw_counters(draws: int) -> torch.Tensor:
+    """Counters of ``draws`` groups of 6 logits (one layer of 1000 rows)."""
+    return M.noise_index(torch.arange(1000), draws // 1000)
+
+
 def test_gumbel_argmax_frequency_matches_softmax_probability():
-    torch.manual_seed(1)
     logits = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.5, -0.4])
     tau, kappa, draws = 1.0, 2.0, 200_000
-    noise = M.gumbel_noise((draws, 6), generator=torch.Generator().manual_seed(7))
+    noise = M.gumbel_noise(7, _draw_counters(draws)).reshape(draws, 6)
     winners = ((kappa * logits + noise) / tau).argmax(-1)
     freq = torch.bincount(winners, minlength=6).float() / draws
     expected = torch.softmax(kappa * logits / tau, -1)
@@ -41,11 +45,47 @@ def test_gumbel_argmax_frequency_matches_softmax_probability():
 
 
 def test_gumbel_noise_is_finite_and_has_gumbel_moments():
-    g = M.gumbel_noise((400_000,), generator=torch.Generator().manual_seed(3))
+    g = M.gumbel_noise(3, _draw_counters(400_000)).flatten()
     assert torch.isfinite(g).all()
     euler_gamma = 0.5772156649
     assert abs(g.mean().item() - euler_gamma) < 0.01
     assert abs(g.var().item() - torch.pi ** 2 / 6) < 0.02
+
+
+def test_counter_uniform_is_uniform_and_decorrelated_across_seeds_and_neighbours():
+    counters = _draw_counters(120_000).flatten()
+    u = M.counter_uniform(11, counters)
+    assert 0.0 < u.min().item() and u.max().item() < 1.0
+    hist = torch.histc(u, bins=20, min=0.0, max=1.0) / u.numel()
+    torch.testing.assert_close(hist, torch.full((20,), 0.05), atol=2e-3, rtol=0)
+    v = M.counter_uniform(12, counters)
+    assert not torch.equal(u, v)
+    corr = lambda a, b: torch.corrcoef(torch.stack([a, b]))[0, 1].abs().item()
+    assert corr(u, v) < 0.01  # the next seed (step)
+    assert corr(u[:-1], u[1:]) < 0.01  # neighbouring logits
+    assert torch.equal(u, M.counter_uniform(11, counters))  # a pure function of (seed, index)
+
+
+def test_counter_uniform_matches_a_plain_uint32_reference():
+    def mix(x):  # lowbias32 on Python ints
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    seed, idx = 987654321, [0, 1, 5, 2**31 + 3, 2**32 - 1]
+    expected = [((mix((mix(i ^ seed) + seed) & 0xFFFFFFFF) >> 9) + 0.5) / 2**23 for i in idx]
+    got = M.counter_uniform(seed, torch.tensor(idx))
+    assert got.tolist() == pytest.approx(expected, abs=0, rel=1e-7)
+
+
+def test_noise_index_of_shards_is_a_slice_of_the_unsharded_index():
+    full = M.noise_index(torch.arange(8), 6)
+    rows = M.noise_index(torch.arange(4, 8), 6)  # column-parallel rank 1 of 2
+    cols = M.noise_index(torch.arange(8), 3, group_offset=3, total_groups=6)  # row-parallel
+    assert torch.equal(rows, full[4:]) and torch.equal(cols, full[:, 3:])
+    assert torch.equal(full.flatten(), torch.arange(8 * 6 * 6))
 
 
 def test_soft_mask_is_convex_combination_and_hard_is_straight_through():

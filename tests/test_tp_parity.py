@@ -1,4 +1,8 @@
-"""TP=1, 2, 4 on gloo give the unsharded forward, input gradient and mask-logit gradients."""
+"""TP=1, 2, 4 on gloo give the unsharded forward, input gradient and mask-logit gradients.
+
+With Gumbel noise on, this also checks that every shard (fc1's [gate_r; up_r] rows included)
+draws the unsharded layer's noise.
+"""
 
 import pytest
 import torch
@@ -19,14 +23,14 @@ def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-def _forward_backward(full_state, hidden, tokens, hard):
+def _forward_backward(full_state, hidden, tokens, hard, noise):
     """On each rank: load the shard, soft-mask forward with labels, backward; gather results."""
     args = tiny_gqa()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     model = args.build()
     model.load_state_dict(shard_state_dict(full_state, tp)[rank])
-    set_mask_state(model, tau=0.5, kappa=3.0, hard=hard, noise=False)
+    set_mask_state(model, tau=0.5, kappa=3.0, hard=hard, noise=noise, noise_seed=2024)
     model.train()
     x = hidden.clone().requires_grad_(True)
     seq, batch = tokens.shape[1], tokens.shape[0]
@@ -62,14 +66,14 @@ def reference_inputs():
     return state, hidden, tokens
 
 
-@pytest.mark.parametrize("hard", [False, True])
-def test_tp_matches_unsharded(reference_inputs, hard):
+@pytest.mark.parametrize("hard,noise", [(False, True), (True, True)])
+def test_tp_matches_unsharded(reference_inputs, hard, noise):
     state, hidden, tokens = reference_inputs
-    ref = run_distributed(_forward_backward, 1, state, hidden, tokens, hard)
+    ref = run_distributed(_forward_backward, 1, state, hidden, tokens, hard, noise)
     assert ref["input_grad"].abs().sum() > 0
     assert all(g.abs().sum() > 0 for g in ref["mask_grads"].values())
     for tp in (2, 4):
-        got = run_distributed(_forward_backward, tp, state, hidden, tokens, hard)
+        got = run_distributed(_forward_backward, tp, state, hidden, tokens, hard, noise)
         torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["input_grad"], ref["input_grad"], rtol=1e-5, atol=1e-6)
         assert got["mask_grads"].keys() == ref["mask_grads"].keys()

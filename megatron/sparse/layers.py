@@ -3,7 +3,8 @@
 Each layer owns fp32 ``mask_logits`` of shape ``[rows_local, in_local / 4, 6]`` (one 6-way choice
 per group of 4 input columns). In training the mask is a Gumbel-softmax soft mask (or a
 straight-through hard one); in eval it is the argmax candidate, cached until the logits change.
-Weights are frozen unless ``trainable_weights=True``.
+Weights are frozen unless ``trainable_weights=True``. Training samples are drawn and applied by
+:mod:`megatron.sparse.sampling` (fused CPU kernels, PyTorch elsewhere).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from megatron.core.tensor_parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron.sparse import mask as mask_ops
+from megatron.sparse import sampling
+from megatron.sparse.sampling import MaskSample, NoiseIndex
 
 
 @dataclass
@@ -36,6 +40,11 @@ class MaskState:
     """False multiplies by a mask of ones (the dense layer)."""
     noise: bool = True
     """Add Gumbel noise when sampling; False gives the deterministic ``softmax(kappa l / tau)``."""
+    noise_seed: int | None = None
+    """Seed of the next training forward's noise, mixed with each layer's ``noise_stream``. The
+    trainer sets it per (step, global micro batch), so that the sampled masks do not depend on
+    TP, DP or micro-batching and a recomputed forward draws the same noise. None draws a fresh
+    seed from torch's default generator at every forward."""
 
 
 def _tp_size(tp_group) -> int:
@@ -63,8 +72,20 @@ class SparseMaskMixin:
         self.weight.requires_grad_(trainable_weights)
         if self.bias is not None:
             self.bias.requires_grad_(trainable_weights)
+        self.noise_index = self._default_noise_index()
+        self.noise_stream = 0  # set per layer by the model builder (a hash of the layer's name)
         self._eval_cache: tuple | None = None
-        self.last_soft_mask: torch.Tensor | None = None
+        self.last_sample: MaskSample | None = None
+
+    def _default_noise_index(self) -> NoiseIndex:
+        """Local logits placed in the unsharded layer along this layer's TP axis."""
+        rows, groups, _ = self.mask_logits.shape
+        rank, size = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+        if self.mask_partition_dim == 0:
+            return NoiseIndex.contiguous(rows, groups, row_offset=rank * rows,
+                                         device=self.weight.device)
+        return NoiseIndex.contiguous(rows, groups, group_offset=rank * groups,
+                                     total_groups=groups * size, device=self.weight.device)
 
     # -- masks ---------------------------------------------------------------------------------
     def eval_mask(self) -> torch.Tensor:
@@ -76,34 +97,45 @@ class SparseMaskMixin:
             self._eval_cache = (key, mask_ops.groups_to_weight(groups))
         return self._eval_cache[1]
 
-    def sample_mask(self) -> torch.Tensor:
-        """A fresh Gumbel-softmax ``[rows, in]`` mask (soft, or straight-through when hard)."""
+    def draw_sample(self) -> MaskSample:
+        """The sample of the next training forward: its noise seed and the current state.
+
+        The seed is ``mask_state.noise_seed`` mixed with this layer's ``noise_stream``, or a fresh
+        draw from torch's default generator when no noise seed is set. Noise depends on the seed
+        and the unsharded position only, so every TP layout samples the same mask.
+        """
         state = self.mask_state
-        noise = (mask_ops.gumbel_noise(self.mask_logits.shape, device=self.mask_logits.device)
-                 if state.noise else None)
-        groups = mask_ops.soft_mask(self.mask_logits, tau=state.tau, kappa=state.kappa,
-                                    hard=state.hard, noise=noise)
-        self.last_soft_mask = groups
+        if not state.noise:
+            seed = 0
+        elif state.noise_seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        else:
+            seed = mask_ops.combine_seeds(state.noise_seed, self.noise_stream)
+        return MaskSample(seed=seed, tau=state.tau, kappa=state.kappa, hard=state.hard,
+                          noise=state.noise)
+
+    def sample_mask(self, sample: MaskSample | None = None) -> torch.Tensor:
+        """The ``[rows, in]`` training mask of ``sample`` (default: a new one), materialised."""
+        sample = sample if sample is not None else self.draw_sample()
+        groups = sampling.torch_mask_groups(self.mask_logits, self.noise_index, sample)
         return mask_ops.groups_to_weight(groups)
 
-    def current_mask(self) -> torch.Tensor | None:
-        """The mask the next forward applies (None when masking is disabled)."""
-        if not self.mask_state.enabled:
-            return None
-        return self.sample_mask() if self.training else self.eval_mask()
-
     def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight * mask`` for the current mode."""
-        mask = self.current_mask()
-        if mask is None:
+        """``weight * mask``: a fresh Gumbel-softmax sample in training, the argmax in eval."""
+        if not self.mask_state.enabled:
             return weight
-        return weight * mask.to(weight.dtype)
+        if not self.training:
+            return weight * self.eval_mask().to(weight.dtype)
+        self.last_sample = self.draw_sample()
+        return sampling.masked_weight(weight, self.mask_logits, self.noise_index,
+                                      self.last_sample)
 
     def sparse_weight_norm_sq(self) -> torch.Tensor:
         """Local regulariser term ``||sg(W) * M_soft||^2`` for the mask of the last forward."""
-        if self.last_soft_mask is None:
+        if self.last_sample is None:
             raise RuntimeError("sparse_weight_norm_sq needs a training forward first")
-        return mask_ops.sparse_weight_norm_sq(self.weight, self.last_soft_mask)
+        return sampling.masked_weight_sq_norm(self.weight, self.mask_logits, self.noise_index,
+                                              self.last_sample)
 
     @torch.no_grad()
     def set_mask_prior(self, prior_mask: torch.Tensor, strength: float) -> None:

@@ -13,6 +13,7 @@ import torch
 GROUP_SIZE = 4
 NUM_CANDIDATES = 6
 LOGITS_INIT_STD = 0.01
+GUMBEL_EPS = 1e-10
 
 # The 6 ways of keeping 2 of 4, in the fixed order 1100, 1010, 1001, 0110, 0101, 0011.
 _CANDIDATE_ROWS = (
@@ -51,11 +52,61 @@ def groups_to_weight(groups: torch.Tensor) -> torch.Tensor:
     return groups.reshape(groups.shape[0], -1)
 
 
-def gumbel_noise(shape, *, generator: torch.Generator | None = None, device=None,
-                 eps: float = 1e-10) -> torch.Tensor:
-    """Standard Gumbel(0, 1) samples ``-log(-log(u))``, both logs clamped away from 0 (in place)."""
-    u = torch.rand(shape, generator=generator, device=device)
-    return u.clamp_min_(eps).log_().neg_().clamp_min_(eps).log_().neg_()
+_MASK32 = 0xFFFFFFFF
+# The two odd multipliers of the "lowbias32" integer hash, the second as its negative 32-bit
+# equivalent so that int64 products never overflow (only the low 32 bits are kept).
+_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))
+
+
+def _mix32(x):
+    """Bijective 32-bit integer hash of values in ``[0, 2^32)`` (Python ints or int64 tensors)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX_MULTIPLIERS[0]) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX_MULTIPLIERS[1]) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform ``(0, 1)`` float32 samples, a pure function of ``(seed, index)`` (23-bit grid).
+
+    ``index`` holds non-negative integers (taken modulo 2^32). The same hash runs in the fused
+    CPU kernel (``csrc/mask_kernels.c``), so both paths draw bit-identical uniforms.
+    """
+    seed = int(seed) & _MASK32
+    h = _mix32(((_mix32((index.long() & _MASK32) ^ seed)) + seed) & _MASK32)
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
+
+
+def combine_seeds(*values: int) -> int:
+    """A 31-bit seed that depends on every value (e.g. run seed, step, micro batch, layer)."""
+    h = 0x2545F491
+    for v in values:
+        h = _mix32(((h ^ (int(v) & _MASK32)) + 0x9E3779B9) & _MASK32)
+    return h & 0x7FFFFFFF
+
+
+def noise_index(row_ids: torch.Tensor, groups: int, *, group_offset: int = 0,
+                total_groups: int | None = None) -> torch.Tensor:
+    """``[rows, groups, 6]`` counter of each logit in the unsharded layer's row-major order.
+
+    ``row_ids`` are the unsharded rows of the local rows; ``group_offset`` / ``total_groups``
+    place the local groups among the unsharded ones (row-parallel shards).
+    """
+    total = groups if total_groups is None else total_groups
+    device = row_ids.device
+    group = torch.arange(groups, device=device) + group_offset
+    base = row_ids.long().view(-1, 1) * total + group.view(1, -1)
+    return base.unsqueeze(-1) * NUM_CANDIDATES + torch.arange(NUM_CANDIDATES, device=device)
+
+
+def gumbel_noise(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel(0, 1) samples ``-log(-log(u))`` with ``u = counter_uniform(seed, index)``.
+
+    ``u`` lies strictly inside (0, 1) on a grid where ``-log(u)`` is positive in float32; the
+    clamp (also in the C kernel) only guards against a math library rounding it to 0.
+    """
+    return counter_uniform(seed, index).log_().neg_().clamp_min_(GUMBEL_EPS).log_().neg_()
 
 
 def candidate_probs(logits: torch.Tensor, *, tau: float, kappa: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -22,7 +23,11 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron.sparse.layers import SparseColumnParallelLinear, SparseRowParallelLinear
+from megatron.sparse.layers import (
+    SparseColumnParallelLinear,
+    SparseRowParallelLinear,
+    sparse_layers,
+)
 from megatron.sparse.mlp import SparseMLP
 
 
@@ -189,6 +194,8 @@ class LlamaArgs:
             )
         finally:
             layer_logger.setLevel(level)
+        for name, layer in sparse_layers(model):  # the same streams at every TP size
+            layer.noise_stream = zlib.crc32(name.encode())
         if self.rope_scaling:
             inv_freq = model.rotary_pos_emb.inv_freq
             model.rotary_pos_emb.inv_freq = llama3_scaled_inv_freq(inv_freq, self.rope_scaling)

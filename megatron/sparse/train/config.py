@@ -38,7 +38,7 @@ class TrainConfig:
     hard: bool = False
     """Straight-through hard masks instead of soft ones."""
     gumbel_noise: bool = True
-    """Sample Gumbel noise; off gives deterministic soft masks (TP/DP parity checks)."""
+    """Sample Gumbel noise; off gives the deterministic soft masks ``softmax(kappa l / tau)``."""
     reg_lambda: float = 1e-5
     """Sparse-weight regulariser weight; decays linearly to 0 over training."""
     lr: float = 5e-5

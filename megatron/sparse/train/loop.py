@@ -210,7 +210,11 @@ class MaskTrainer:
         n_micro = self.data.num_micro_batches
         ce_sum = torch.zeros(1, dtype=torch.float64)
         reg = torch.zeros(1)
-        for tokens, labels in self.data.micro_batches(step):
+        dp_rank = parallel_state.get_data_parallel_rank()
+        for micro, (tokens, labels) in enumerate(self.data.micro_batches(step)):
+            # Noise of global micro batch (micro * DP + dp_rank): the same at every TP x DP layout.
+            set_mask_state(self.model, noise_seed=mask_ops.combine_seeds(
+                self.cfg.seed, step, micro * self.dp + dp_rank))
             ce = model_forward(self.model, tokens, labels).float().mean()
             loss = ce / n_micro
             if values["reg_lambda"] > 0:

@@ -1,0 +1,164 @@
+"""The fused CPU mask kernels (``csrc/mask_kernels.c``): built with the system C compiler on
+first use, cached, and called through ctypes on float32 tensors.
+
+The build takes about a second and is cached like the embedded data (:mod:`megatron.sparse.cache`),
+keyed by the source, the compiler and this CPU's instruction set (the library is built with
+``-march=native``, so a home directory shared by different nodes gets one build per CPU kind).
+Without a working compiler, or with ``MEGATRON_SPARSE_MASK_KERNEL=torch``, :func:`load` returns
+None and callers use the PyTorch implementation of the same formulas.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from megatron.sparse import cache
+
+SOURCE = Path(__file__).with_name("csrc") / "mask_kernels.c"
+LIBRARY = "libmask_kernels.so"
+ENV_SWITCH = "MEGATRON_SPARSE_MASK_KERNEL"
+# Tried in order; later entries drop what some compilers lack (-march=native, OpenMP).
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+    ["-O3", "-ffast-math", "-fopenmp"],
+    ["-O3", "-ffast-math"],
+)
+
+
+class MaskParams(ctypes.Structure):
+    """Mirror of ``mask_params`` in the C source."""
+
+    _fields_ = [("rows", ctypes.c_int64), ("groups", ctypes.c_int64),
+                ("group_offset", ctypes.c_int64), ("total_groups", ctypes.c_int64),
+                ("seed", ctypes.c_uint32), ("a", ctypes.c_float), ("b", ctypes.c_float),
+                ("noise", ctypes.c_int), ("hard", ctypes.c_int), ("threads", ctypes.c_int)]
+
+
+def _cpu_signature() -> str:
+    """The instruction-set flags of this CPU (Linux), else the platform's processor name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, out_dir: Path) -> None:
+    """Compile with the first flag set that works (``-ffast-math`` only at compile time: linked
+    into a shared library it would switch the whole process to flush-to-zero)."""
+    errors = []
+    for flags in _FLAG_SETS:
+        obj, lib = out_dir / "mask_kernels.o", out_dir / LIBRARY
+        openmp = [f for f in flags if f == "-fopenmp"]
+        steps = ([compiler, *flags, "-fPIC", "-c", str(SOURCE), "-o", str(obj)],
+                 [compiler, "-shared", *openmp, str(obj), "-o", str(lib), "-lm"])
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-300:]}")
+                break
+        else:
+            return
+    raise OSError("; ".join(errors))
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, params = ctypes.c_void_p, ctypes.POINTER(MaskParams)
+    lib.msk_forward.argtypes = [ptr, ptr, ptr, ptr, params]
+    lib.msk_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, params]
+    lib.msk_sq_norm.argtypes = [ptr, ptr, ptr, ptr, params]
+    for fn in (lib.msk_forward, lib.msk_backward, lib.msk_sq_norm):
+        fn.restype = None
+    return lib
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (PyTorch fallback) with one warning saying why."""
+    if os.environ.get(ENV_SWITCH, "auto") == "torch":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("no C compiler found (set CC): the 2:4 mask runs on the slower PyTorch "
+                      "path", stacklevel=2)
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, repr(_FLAG_SETS),
+                                    platform.machine(), _cpu_signature()]).encode()).hexdigest()
+    try:
+        entry = cache.cached_entry("mask-kernel", key[:16], lambda d: _compile(compiler, d))
+        if entry is None:  # cache not writable: build privately for this process
+            entry = Path(tempfile.mkdtemp(prefix="megatron-sparse-kernel-"))
+            _compile(compiler, entry)
+        return _bind(ctypes.CDLL(str(entry / LIBRARY)))
+    except OSError as err:
+        warnings.warn(f"could not build the CPU mask kernel ({err}); the 2:4 mask runs on the "
+                      f"slower PyTorch path", stacklevel=2)
+        return None
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """True if the kernels can run on these tensors (CPU float32) and the library loaded."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and \
+        load() is not None
+
+
+def _params(logits: torch.Tensor, index, sample) -> MaskParams:
+    rows, groups, _ = logits.shape
+    return MaskParams(rows=rows, groups=groups, group_offset=index.group_offset,
+                      total_groups=index.total_groups, seed=sample.seed,
+                      a=sample.kappa / sample.tau, b=1.0 / sample.tau, noise=int(sample.noise),
+                      hard=int(sample.hard), threads=torch.get_num_threads())
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def forward(weight: torch.Tensor, logits: torch.Tensor, index, sample) -> torch.Tensor:
+    """``weight * mask`` for a float32 ``[rows, in]`` weight and ``[rows, in/4, 6]`` logits."""
+    weight, logits = weight.contiguous(), logits.contiguous()
+    out = torch.empty_like(weight)
+    prm = _params(logits, index, sample)
+    load().msk_forward(_ptr(logits), _ptr(weight), _ptr(out), _ptr(index.row_ids),
+                       ctypes.byref(prm))
+    return out
+
+
+def backward(weight: torch.Tensor, logits: torch.Tensor, index, sample, *,
+             grad_out: torch.Tensor | None, reg_scale: float = 0.0,
+             need_weight_grad: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(grad_weight, grad_logits)`` of ``<grad_out, W * M> + reg_scale / 2 * ||W * M||^2``."""
+    weight, logits = weight.contiguous(), logits.contiguous()
+    if grad_out is not None:
+        grad_out = grad_out.contiguous().float()
+    grad_logits = torch.empty_like(logits)
+    grad_weight = torch.empty_like(weight) if need_weight_grad and grad_out is not None else None
+    prm = _params(logits, index, sample)
+    load().msk_backward(_ptr(logits), _ptr(weight), _ptr(grad_out), _ptr(grad_logits),
+                        _ptr(grad_weight), float(reg_scale), _ptr(index.row_ids),
+                        ctypes.byref(prm))
+    return grad_weight, grad_logits
+
+
+def sq_norm(weight: torch.Tensor, logits: torch.Tensor, index, sample) -> torch.Tensor:
+    """``||W * M||^2`` as a float32 scalar (rows accumulated in float64)."""
+    weight, logits = weight.contiguous(), logits.contiguous()
+    row_sums = torch.empty(logits.shape[0], dtype=torch.float64)
+    prm = _params(logits, index, sample)
+    load().msk_sq_norm(_ptr(logits), _ptr(weight), _ptr(row_sums), _ptr(index.row_ids),
+                       ctypes.byref(prm))
+    return row_sums.sum().float()

@@ -1,0 +1,117 @@
+"""The training-mask sample: fused CPU kernel vs the PyTorch path vs autograd through the formula."""
+
+import warnings
+
+import pytest
+import torch
+
+from megatron.sparse import cpu_kernels, sampling
+from megatron.sparse import mask as M
+
+ROWS, COLS = 24, 88  # 22 groups: one full block of 16 groups and a partial one
+
+
+def _plain_mask(logits, index, sample):
+    """softmax((kappa l + g) / tau) @ S by autograd, noise from the counters (independent of
+    mask.soft_mask and of the kernel)."""
+    scores = sample.kappa * logits
+    if sample.noise:
+        scores = scores + M.gumbel_noise(sample.seed, index.logit_counters(logits.shape[1]))
+    probs = torch.softmax(scores / sample.tau, dim=-1)
+    soft = probs @ M.candidate_matrix()
+    if sample.hard:
+        hard = M.candidate_matrix()[probs.argmax(-1)]
+        soft = hard + soft - soft.detach()
+    return M.groups_to_weight(soft)
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(ROWS, COLS, generator=gen)
+    logits = (torch.randn(ROWS, COLS // 4, 6, generator=gen) * 0.5).requires_grad_(True)
+    return weight, logits
+
+
+def _grads(fn, weight, logits, grad_out):
+    logits.grad = None
+    if weight.requires_grad:
+        weight.grad = None
+    out = fn()
+    (out * grad_out).sum().backward() if out.dim() else out.backward()
+    return out.detach(), logits.grad.clone(), None if weight.grad is None else weight.grad.clone()
+
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_fused_kernel_matches_torch_path_and_plain_autograd(hard, noise, trainable):
+    weight, logits = _inputs()
+    weight.requires_grad_(trainable)
+    index = sampling.NoiseIndex.contiguous(ROWS, COLS // 4, row_offset=40, total_groups=30)
+    sample = sampling.MaskSample(seed=4242, tau=0.7, kappa=3.0, hard=hard, noise=noise)
+    grad_out = torch.randn(ROWS, COLS)
+    assert sampling._fused(weight, logits)
+    fused = _grads(lambda: sampling.masked_weight(weight, logits, index, sample),
+                   weight, logits, grad_out)
+    torch_path = _grads(lambda: sampling.torch_masked_weight(weight, logits, index, sample),
+                        weight, logits, grad_out)
+    plain = _grads(lambda: weight * _plain_mask(logits, index, sample), weight, logits, grad_out)
+    for ref in (torch_path, plain):
+        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused[1], ref[1], rtol=1e-4, atol=1e-4)
+        if trainable:
+            torch.testing.assert_close(fused[2], ref[2], rtol=1e-5, atol=1e-5)
+        else:
+            assert fused[2] is None
+    assert fused[1].abs().sum() > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("hard", [False, True])
+def test_fused_regulariser_matches_formula(hard):
+    weight, logits = _inputs(1)
+    index = sampling.NoiseIndex.contiguous(ROWS, COLS // 4)
+    sample = sampling.MaskSample(seed=99, tau=1.3, kappa=2.0, hard=hard)
+    fused = _grads(lambda: sampling.masked_weight_sq_norm(weight, logits, index, sample),
+                   weight, logits, None)
+    plain = _grads(lambda: (weight * _plain_mask(logits, index, sample)).pow(2).sum(),
+                   weight, logits, None)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_fused_sample_is_reproducible_and_depends_on_seed():
+    weight, logits = _inputs(2)
+    index = sampling.NoiseIndex.contiguous(ROWS, COLS // 4)
+    first = sampling.masked_weight(weight, logits, index, sampling.MaskSample(1, 1.0, 1.0))
+    again = sampling.masked_weight(weight, logits, index, sampling.MaskSample(1, 1.0, 1.0))
+    other = sampling.masked_weight(weight, logits, index, sampling.MaskSample(2, 1.0, 1.0))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_kernel_switch_and_broken_compiler_fall_back_to_torch(monkeypatch, tmp_path):
+    weight, logits = _inputs(3)
+    monkeypatch.setenv("MEGATRON_SPARSE_CACHE", str(tmp_path))
+    try:
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "torch")
+        cpu_kernels.load.cache_clear()
+        assert cpu_kernels.load() is None and not sampling._fused(weight, logits)
+        monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+        monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+        cpu_kernels.load.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_kernels.load() is None
+        assert any("PyTorch path" in str(w.message) for w in caught)
+        sample = sampling.MaskSample(seed=5, tau=1.0, kappa=2.0)
+        index = sampling.NoiseIndex.contiguous(ROWS, COLS // 4)
+        out = sampling.masked_weight(weight, logits, index, sample)
+        torch.testing.assert_close(out, weight * _plain_mask(logits, index, sample).detach())
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.load.cache_clear()
