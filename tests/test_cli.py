@@ -27,3 +27,19 @@ def test_tool_importing_megatron_core_starts_without_notices():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "--prior-strength" in result.stdout, result.stderr
     assert "not installed" not in result.stderr, result.stderr
+
+
+def test_help_shows_field_docs_with_percent_signs():
+    import argparse
+    from dataclasses import dataclass
+
+    from megatron.sparse.cli import add_dataclass_args
+
+    @dataclass
+    class Config:
+        ratio: "float" = 0.5  # the tools' configs use postponed (string) annotations
+        """Keep 50 % of the weights (100 % is dense)."""
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, Config)
+    assert "Keep 50 % of the weights (100 % is dense)." in " ".join(parser.format_help().split())

@@ -124,6 +124,31 @@ def _params(logits: torch.Tensor, index, sample) -> MaskParams:
                       hard=int(sample.hard), threads=torch.get_num_threads())
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if platform.system() == "Linux" else None
+    except OSError:
+        return None
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` whose large pages are backed by transparent huge pages where the
+    kernel allows it (``madvise`` mode): a fresh 100 MB+ buffer otherwise costs tens of thousands
+    of page faults, a large part of the mask kernels' time on CPU. Advisory only."""
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    libc, nbytes = _libc(), out.numel() * out.element_size()
+    if libc is not None and nbytes >= 4 * _HUGE_PAGE:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    return out
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -131,7 +156,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def forward(weight: torch.Tensor, logits: torch.Tensor, index, sample) -> torch.Tensor:
     """``weight * mask`` for a float32 ``[rows, in]`` weight and ``[rows, in/4, 6]`` logits."""
     weight, logits = weight.contiguous(), logits.contiguous()
-    out = torch.empty_like(weight)
+    out = _empty_like(weight)
     prm = _params(logits, index, sample)
     load().msk_forward(_ptr(logits), _ptr(weight), _ptr(out), _ptr(index.row_ids),
                        ctypes.byref(prm))
@@ -145,8 +170,8 @@ def backward(weight: torch.Tensor, logits: torch.Tensor, index, sample, *,
     weight, logits = weight.contiguous(), logits.contiguous()
     if grad_out is not None:
         grad_out = grad_out.contiguous().float()
-    grad_logits = torch.empty_like(logits)
-    grad_weight = torch.empty_like(weight) if need_weight_grad and grad_out is not None else None
+    grad_logits = _empty_like(logits)
+    grad_weight = _empty_like(weight) if need_weight_grad and grad_out is not None else None
     prm = _params(logits, index, sample)
     load().msk_backward(_ptr(logits), _ptr(weight), _ptr(grad_out), _ptr(grad_logits),
                         _ptr(grad_weight), float(reg_scale), _ptr(index.row_ids),
