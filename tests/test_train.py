@@ -180,3 +180,27 @@ def test_history_reads_back_what_the_logger_wrote(tmp_path):
     logger.close()
     assert read_history(tmp_path) == [{"step": 1, "loss": 4.5, "lr": 0.01},
                                       {"step": 2, "eval_ppl": 91.5}]
+
+
+def _throughput_with_slow_evals(cfg: TrainConfig):
+    from megatron.sparse.train.loop import MaskTrainer
+
+    trainer = MaskTrainer(cfg)
+    trainer.eval_windows = torch.zeros(1)  # evaluate after every step, slowly
+    trainer.evaluate = lambda step: time.sleep(EVAL_SECONDS)
+    trainer.run()
+    return [r["tokens_per_s"] for r in read_history(cfg.save) if "tokens_per_s" in r]
+
+
+EVAL_SECONDS = 1.5
+
+
+def test_tokens_per_second_counts_training_steps_only(setup, tmp_path):
+    root, base, data = setup
+    cfg = _cfg(base, data, train_iters=4, eval_interval=1, log_interval=1, save=str(tmp_path))
+    rates = run_distributed(_throughput_with_slow_evals, 1, cfg)
+    assert len(rates) == 4
+    # A window that included an evaluation would run at under tokens / EVAL_SECONDS; a tiny
+    # model's training step is over 10x faster than that.
+    ceiling_with_eval = cfg.global_batch_size * cfg.seq_length / EVAL_SECONDS
+    assert min(rates) > 4 * ceiling_with_eval, rates

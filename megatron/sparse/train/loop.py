@@ -265,27 +265,32 @@ class MaskTrainer:
         flag = PreemptionFlag()
         tokens_per_step = cfg.global_batch_size * cfg.seq_length
         previous = argmax_snapshot(self.model)
-        start_step, t_last = self.step, time.perf_counter()
+        start_step = self.step
         if self.step == 0 and cfg.eval_interval:
             self.evaluate(0)
+        # Throughput window: training steps only (evaluations and saves restart it).
+        window_step, window_start = self.step, time.perf_counter()
         last: dict[str, float] = {}
         while self.step < cfg.train_iters:
             last = self.train_step(self.step)
             self.step += 1
             if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
+                elapsed = time.perf_counter() - window_start
+                last["tokens_per_s"] = (tokens_per_step * (self.step - window_step)
+                                        / max(elapsed, 1e-9))
                 now = argmax_snapshot(self.model)
-                elapsed = time.perf_counter() - t_last
-                t_last = time.perf_counter()
                 last["changed"] = changed_fraction(previous, now)
-                last["tokens_per_s"] = tokens_per_step * cfg.log_interval / max(elapsed, 1e-9)
                 previous = now
                 self.metrics.scalars(self.step, last)
                 self.metrics.progress(self.step, last, steps_done=self.step - start_step)
+                window_step, window_start = self.step, time.perf_counter()
             if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                 last["eval_ppl"] = self.evaluate(self.step)
+                window_step, window_start = self.step, time.perf_counter()
             preempted = flag.any_rank()
             if preempted or (cfg.save_interval and self.step % cfg.save_interval == 0):
                 self.save(self.step)
+                window_step, window_start = self.step, time.perf_counter()
                 if preempted:
                     print_rank0(f"preempted at step {self.step}: checkpoint written, exiting")
                     break
