@@ -114,12 +114,6 @@ class SparseMaskMixin:
         return MaskSample(seed=seed, tau=state.tau, kappa=state.kappa, hard=state.hard,
                           noise=state.noise)
 
-    def sample_mask(self, sample: MaskSample | None = None) -> torch.Tensor:
-        """The ``[rows, in]`` training mask of ``sample`` (default: a new one), materialised."""
-        sample = sample if sample is not None else self.draw_sample()
-        groups = sampling.torch_mask_groups(self.mask_logits, self.noise_index, sample)
-        return mask_ops.groups_to_weight(groups)
-
     def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight * mask``: a fresh Gumbel-softmax sample in training, the argmax in eval."""
         if not self.mask_state.enabled:
