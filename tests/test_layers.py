@@ -72,6 +72,36 @@ def test_soft_mask_forward_and_logit_gradient_match_plain_pytorch(config):
     assert layer.weight.grad is None  # frozen by default
 
 
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_loss_plus_regulariser_gradient_matches_plain_pytorch(config, kernel, monkeypatch):
+    """One backward of loss - lambda * ||sg(W) M||^2 through the layer (the trainer's objective),
+    on the fused kernel path (regulariser from the forward pass) and the PyTorch path."""
+    from megatron.sparse import cpu_kernels
+
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, kernel)
+    cpu_kernels.load.cache_clear()
+    try:
+        layer = SparseColumnParallelLinear(32, 48, config=config,
+                                           init_method=torch.nn.init.normal_, bias=False)
+        layer.mask_state.noise = False
+        layer.mask_state.tau, layer.mask_state.kappa = 0.5, 2.0
+        layer.train()
+        x = torch.randn(4, 2, 32)
+        out = layer(x)[0]
+        reg = layer.sparse_weight_norm_sq()
+        (out.pow(2).sum() - 0.1 * reg).backward()
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.load.cache_clear()
+    logits = layer.mask_logits.detach().clone().requires_grad_(True)
+    mask = (torch.softmax(2.0 * logits / 0.5, -1) @ M.candidate_matrix()).reshape(48, 32)
+    weight = layer.weight.detach()
+    ref_reg = (weight * mask).pow(2).sum()
+    (F.linear(x, weight * mask).pow(2).sum() - 0.1 * ref_reg).backward()
+    torch.testing.assert_close(reg.detach(), ref_reg.detach())
+    torch.testing.assert_close(layer.mask_logits.grad, logits.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_eval_mask_cached_until_logits_change(config):
     layer = SparseColumnParallelLinear(32, 16, config=config, init_method=torch.nn.init.normal_,
                                        bias=False)

@@ -55,7 +55,7 @@ def test_fused_kernel_matches_torch_path_and_plain_autograd(hard, noise, trainab
     sample = sampling.MaskSample(seed=4242, tau=0.7, kappa=3.0, hard=hard, noise=noise)
     grad_out = torch.randn(ROWS, COLS)
     assert sampling._fused(weight, logits)
-    fused = _grads(lambda: sampling.masked_weight(weight, logits, index, sample),
+    fused = _grads(lambda: sampling.masked_weight(weight, logits, index, sample)[0],
                    weight, logits, grad_out)
     torch_path = _grads(lambda: sampling.torch_masked_weight(weight, logits, index, sample),
                         weight, logits, grad_out)
@@ -72,25 +72,52 @@ def test_fused_kernel_matches_torch_path_and_plain_autograd(hard, noise, trainab
 
 @needs_kernel
 @pytest.mark.parametrize("hard", [False, True])
-def test_fused_regulariser_matches_formula(hard):
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_fused_regulariser_matches_formula(hard, with_loss):
+    """The forward's regulariser and the joint backward of loss + reg match plain autograd; the
+    regulariser sends no gradient into a trainable weight (sg(W))."""
     weight, logits = _inputs(1)
+    weight.requires_grad_(True)
     index = sampling.NoiseIndex.contiguous(ROWS, COLS // 4)
     sample = sampling.MaskSample(seed=99, tau=1.3, kappa=2.0, hard=hard)
-    fused = _grads(lambda: sampling.masked_weight_sq_norm(weight, logits, index, sample),
-                   weight, logits, None)
-    plain = _grads(lambda: (weight * _plain_mask(logits, index, sample)).pow(2).sum(),
-                   weight, logits, None)
-    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-4)
+    grad_out = torch.randn(ROWS, COLS) if with_loss else torch.zeros(ROWS, COLS)
+
+    def objective(value, sq_norm):
+        return (value * grad_out).sum() - 0.3 * sq_norm if with_loss else -0.3 * sq_norm
+
+    def fused():
+        value, sq_norm = sampling.masked_weight(weight, logits, index, sample)
+        return objective(value, sq_norm), sq_norm
+
+    def plain():
+        mask = _plain_mask(logits, index, sample)
+        return objective(weight * mask, (weight.detach() * mask).pow(2).sum()), None
+
+    results = []
+    for fn in (fused, plain):
+        logits.grad = weight.grad = None
+        total, sq_norm = fn()
+        total.backward()
+        results.append((total.detach(), logits.grad.clone(), weight.grad, sq_norm))
+    (f_total, f_logits, f_weight, f_sq), (p_total, p_logits, p_weight, _) = results
+    torch.testing.assert_close(f_total, p_total, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(f_logits, p_logits, rtol=1e-4, atol=1e-4)
+    if with_loss:
+        torch.testing.assert_close(f_weight, p_weight, rtol=1e-5, atol=1e-5)
+    else:
+        assert p_weight is None and f_weight is None
+    recomputed = sampling.masked_weight_sq_norm(weight, logits, index, sample)
+    torch.testing.assert_close(f_sq.detach(), recomputed.detach(), rtol=1e-5, atol=1e-4)
+    assert f_logits.abs().sum() > 0
 
 
 @needs_kernel
 def test_fused_sample_is_reproducible_and_depends_on_seed():
     weight, logits = _inputs(2)
     index = sampling.NoiseIndex.contiguous(ROWS, COLS // 4)
-    first = sampling.masked_weight(weight, logits, index, sampling.MaskSample(1, 1.0, 1.0))
-    again = sampling.masked_weight(weight, logits, index, sampling.MaskSample(1, 1.0, 1.0))
-    other = sampling.masked_weight(weight, logits, index, sampling.MaskSample(2, 1.0, 1.0))
+    first, _ = sampling.masked_weight(weight, logits, index, sampling.MaskSample(1, 1.0, 1.0))
+    again, _ = sampling.masked_weight(weight, logits, index, sampling.MaskSample(1, 1.0, 1.0))
+    other, _ = sampling.masked_weight(weight, logits, index, sampling.MaskSample(2, 1.0, 1.0))
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
@@ -110,7 +137,8 @@ def test_kernel_switch_and_broken_compiler_fall_back_to_torch(monkeypatch, tmp_p
         assert any("PyTorch path" in str(w.message) for w in caught)
         sample = sampling.MaskSample(seed=5, tau=1.0, kappa=2.0)
         index = sampling.NoiseIndex.contiguous(ROWS, COLS // 4)
-        out = sampling.masked_weight(weight, logits, index, sample)
+        out, sq_norm = sampling.masked_weight(weight, logits, index, sample)
+        assert sq_norm is None  # the PyTorch path recomputes the regulariser on demand
         torch.testing.assert_close(out, weight * _plain_mask(logits, index, sample).detach())
     finally:
         monkeypatch.undo()

@@ -77,10 +77,9 @@ def _compile(compiler: str, out_dir: Path) -> None:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, params = ctypes.c_void_p, ctypes.POINTER(MaskParams)
-    lib.msk_forward.argtypes = [ptr, ptr, ptr, ptr, params]
+    lib.msk_forward.argtypes = [ptr, ptr, ptr, ptr, ptr, params]
     lib.msk_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, params]
-    lib.msk_sq_norm.argtypes = [ptr, ptr, ptr, ptr, params]
-    for fn in (lib.msk_forward, lib.msk_backward, lib.msk_sq_norm):
+    for fn in (lib.msk_forward, lib.msk_backward):
         fn.restype = None
     return lib
 
@@ -153,14 +152,18 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def forward(weight: torch.Tensor, logits: torch.Tensor, index, sample) -> torch.Tensor:
-    """``weight * mask`` for a float32 ``[rows, in]`` weight and ``[rows, in/4, 6]`` logits."""
+def forward(weight: torch.Tensor, logits: torch.Tensor, index,
+            sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * mask, ||weight * mask||^2)`` for a float32 ``[rows, in]`` weight and
+    ``[rows, in/4, 6]`` logits; the squared norm (the regulariser) comes from the same pass, as a
+    float32 scalar accumulated per row in float64."""
     weight, logits = weight.contiguous(), logits.contiguous()
     out = _empty_like(weight)
+    row_sums = torch.empty(logits.shape[0], dtype=torch.float64)
     prm = _params(logits, index, sample)
-    load().msk_forward(_ptr(logits), _ptr(weight), _ptr(out), _ptr(index.row_ids),
-                       ctypes.byref(prm))
-    return out
+    load().msk_forward(_ptr(logits), _ptr(weight), _ptr(out), _ptr(row_sums),
+                       _ptr(index.row_ids), ctypes.byref(prm))
+    return out, row_sums.sum().float()
 
 
 def backward(weight: torch.Tensor, logits: torch.Tensor, index, sample, *,
@@ -177,13 +180,3 @@ def backward(weight: torch.Tensor, logits: torch.Tensor, index, sample, *,
                         _ptr(grad_weight), float(reg_scale), _ptr(index.row_ids),
                         ctypes.byref(prm))
     return grad_weight, grad_logits
-
-
-def sq_norm(weight: torch.Tensor, logits: torch.Tensor, index, sample) -> torch.Tensor:
-    """``||W * M||^2`` as a float32 scalar (rows accumulated in float64)."""
-    weight, logits = weight.contiguous(), logits.contiguous()
-    row_sums = torch.empty(logits.shape[0], dtype=torch.float64)
-    prm = _params(logits, index, sample)
-    load().msk_sq_norm(_ptr(logits), _ptr(weight), _ptr(row_sums), _ptr(index.row_ids),
-                       ctypes.byref(prm))
-    return row_sums.sum().float()

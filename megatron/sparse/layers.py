@@ -76,6 +76,7 @@ class SparseMaskMixin:
         self.noise_stream = 0  # set per layer by the model builder (a hash of the layer's name)
         self._eval_cache: tuple | None = None
         self.last_sample: MaskSample | None = None
+        self._last_sq_norm: torch.Tensor | None = None  # the fused forward's regulariser
 
     def _default_noise_index(self) -> NoiseIndex:
         """Local logits placed in the unsharded layer along this layer's TP axis."""
@@ -121,13 +122,20 @@ class SparseMaskMixin:
         if not self.training:
             return weight * self.eval_mask().to(weight.dtype)
         self.last_sample = self.draw_sample()
-        return sampling.masked_weight(weight, self.mask_logits, self.noise_index,
-                                      self.last_sample)
+        masked, self._last_sq_norm = sampling.masked_weight(weight, self.mask_logits,
+                                                            self.noise_index, self.last_sample)
+        return masked
 
     def sparse_weight_norm_sq(self) -> torch.Tensor:
-        """Local regulariser term ``||sg(W) * M_soft||^2`` for the mask of the last forward."""
+        """Local regulariser term ``||sg(W) * M_soft||^2`` for the mask of the last forward.
+
+        On the fused CPU path this is the forward's own output (part of its graph: backpropagate
+        it in the same ``backward`` call as the loss); elsewhere it is recomputed.
+        """
         if self.last_sample is None:
             raise RuntimeError("sparse_weight_norm_sq needs a training forward first")
+        if self._last_sq_norm is not None:
+            return self._last_sq_norm
         return sampling.masked_weight_sq_norm(self.weight, self.mask_logits, self.noise_index,
                                               self.last_sample)
 

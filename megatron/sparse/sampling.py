@@ -5,12 +5,12 @@ noise) and the layer's :class:`NoiseIndex`. The Gumbel noise is counter-based (a
 and the logit's position in the *unsharded* layer), so
 
 * every tensor-parallel layout samples exactly the noise of the unsharded layer;
-* the backward pass and the regulariser recompute the sample instead of storing noise,
-  probabilities or mask.
+* the backward pass recomputes the sample instead of storing noise, probabilities or mask.
 
-On CPU float32 the fused kernels of :mod:`megatron.sparse.cpu_kernels` do forward and backward in
-one pass each; elsewhere (GPU, other dtypes, no C compiler) the same formulas run as PyTorch ops
-(:func:`torch_masked_weight`), which also serve as the reference in the tests.
+On CPU float32 the fused kernels of :mod:`megatron.sparse.cpu_kernels` do the forward (masked
+weight and regulariser together) and the backward in one pass each; elsewhere (GPU, other dtypes,
+no C compiler) the same formulas run as PyTorch ops (:func:`torch_masked_weight`), which also
+serve as the reference in the tests.
 """
 
 from __future__ import annotations
@@ -86,43 +86,27 @@ def torch_masked_weight(weight: torch.Tensor, logits: torch.Tensor, index: Noise
     return weight * mask_ops.groups_to_weight(groups).to(weight.dtype)
 
 
-def _keep_for_backward(ctx, weight, logits, index, sample) -> None:
-    """What a fused backward needs to recompute the sample: inputs, index and sample."""
-    ctx.save_for_backward(weight, logits)
-    ctx.index, ctx.sample = index, sample
-
-
 class _FusedMaskedWeight(torch.autograd.Function):
-    """``weight * mask`` through the CPU kernels; the backward recomputes the sample."""
+    """``(weight * mask, ||sg(weight) * mask||^2)`` in one CPU kernel pass; the backward
+    recomputes the sample and differentiates both outputs in one pass too."""
 
     @staticmethod
     def forward(ctx, weight, logits, index, sample):
-        _keep_for_backward(ctx, weight, logits, index, sample)
+        ctx.save_for_backward(weight, logits)
+        ctx.index, ctx.sample = index, sample
+        ctx.set_materialize_grads(False)
         return cpu_kernels.forward(weight.detach(), logits.detach(), index, sample)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_sq_norm):
         weight, logits = ctx.saved_tensors
+        reg_scale = 0.0 if grad_sq_norm is None else 2.0 * float(grad_sq_norm)
+        if grad_out is None and reg_scale == 0.0:
+            return None, None, None, None
         grad_weight, grad_logits = cpu_kernels.backward(
-            weight, logits, ctx.index, ctx.sample, grad_out=grad_out,
+            weight, logits, ctx.index, ctx.sample, grad_out=grad_out, reg_scale=reg_scale,
             need_weight_grad=ctx.needs_input_grad[0])
         return grad_weight, grad_logits, None, None
-
-
-class _FusedSqNorm(torch.autograd.Function):
-    """``||sg(weight) * mask||^2`` through the CPU kernels (gradient to the logits only)."""
-
-    @staticmethod
-    def forward(ctx, weight, logits, index, sample):
-        _keep_for_backward(ctx, weight, logits, index, sample)
-        return cpu_kernels.sq_norm(weight.detach(), logits.detach(), index, sample)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, logits = ctx.saved_tensors
-        _, grad_logits = cpu_kernels.backward(weight, logits, ctx.index, ctx.sample,
-                                              grad_out=None, reg_scale=2.0 * float(grad))
-        return None, grad_logits, None, None
 
 
 def _fused(weight: torch.Tensor, logits: torch.Tensor) -> bool:
@@ -130,16 +114,20 @@ def _fused(weight: torch.Tensor, logits: torch.Tensor) -> bool:
 
 
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, index: NoiseIndex,
-                  sample: MaskSample) -> torch.Tensor:
-    """``weight * mask`` for one sample, differentiable in the logits (and a trainable weight)."""
+                  sample: MaskSample) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight * mask, ||sg(weight) * mask||^2)`` for one sample, differentiable in the logits
+    (and a trainable weight; the regulariser's gradient flows into the logits only).
+
+    The fused CPU kernel returns the regulariser from the forward pass, so its gradient joins the
+    masked weight's in one backward pass. The PyTorch path returns None for it:
+    :func:`masked_weight_sq_norm` recomputes it on demand, so that no mask stays alive for it.
+    """
     if _fused(weight, logits):
         return _FusedMaskedWeight.apply(weight, logits, index, sample)
-    return torch_masked_weight(weight, logits, index, sample)
+    return torch_masked_weight(weight, logits, index, sample), None
 
 
 def masked_weight_sq_norm(weight: torch.Tensor, logits: torch.Tensor, index: NoiseIndex,
                           sample: MaskSample) -> torch.Tensor:
-    """Regulariser ``||sg(W) * M||^2`` of one sample (gradient flows into the logits only)."""
-    if _fused(weight, logits):
-        return _FusedSqNorm.apply(weight, logits, index, sample)
+    """Regulariser ``||sg(W) * M||^2`` of one sample, recomputed in PyTorch ops."""
     return mask_ops.sparse_weight_norm_sq(weight, torch_mask_groups(logits, index, sample))

@@ -109,24 +109,34 @@ static inline __attribute__((always_inline)) void load4(const float *src, int n,
         for (int j = 0; j < 4; ++j) v[j][i] = i < n ? src[i * 4 + j] : 0.f;
 }
 
-/* out = weight * mask. */
-void msk_forward(const float *logits, const float *weight, float *out, const int32_t *row_ids,
-                 const mask_params *prm) {
+/* out = weight * mask; row_sums[r] = sum over row r of out^2 (in double; skipped if NULL). */
+void msk_forward(const float *logits, const float *weight, float *out, double *row_sums,
+                 const int32_t *row_ids, const mask_params *prm) {
     const int64_t groups = prm->groups;
 #pragma omp parallel for num_threads(prm->threads) schedule(static)
     for (int64_t r = 0; r < prm->rows; ++r) {
         const uint32_t base = row_base(row_ids, r, prm);
+        double total = 0.0;
         for (int64_t g0 = 0; g0 < groups; g0 += LANES) {
             const int n = groups - g0 < LANES ? (int)(groups - g0) : LANES;
             const int64_t at = r * groups + g0;
-            float p[6][LANES], m[4][LANES];
+            float p[6][LANES], m[4][LANES], w[4][LANES], block = 0.f;
             block_probs(logits + at * 6, n, base + (uint32_t)(g0 * 6), prm, p);
             block_mask(p, prm->hard, m);
-            const float *w = weight + at * 4;
+            load4(weight + at * 4, n, w);
+            for (int j = 0; j < 4; ++j) {
+#pragma omp simd reduction(+ : block)
+                for (int i = 0; i < LANES; ++i) {
+                    w[j][i] *= m[j][i];
+                    block += w[j][i] * w[j][i];
+                }
+            }
             float *o = out + at * 4;
             for (int i = 0; i < n; ++i)
-                for (int j = 0; j < 4; ++j) o[i * 4 + j] = w[i * 4 + j] * m[j][i];
+                for (int j = 0; j < 4; ++j) o[i * 4 + j] = w[j][i];
+            total += block;
         }
+        if (row_sums) row_sums[r] = total;
     }
 }
 
@@ -182,30 +192,5 @@ void msk_backward(const float *logits, const float *weight, const float *grad_ou
             for (int i = 0; i < n; ++i)
                 for (int k = 0; k < 6; ++k) dst[i * 6 + k] = gl[k][i];
         }
-    }
-}
-
-/* row_sums[r] = sum over row r of (weight * mask)^2, accumulated in double. */
-void msk_sq_norm(const float *logits, const float *weight, double *row_sums,
-                 const int32_t *row_ids, const mask_params *prm) {
-    const int64_t groups = prm->groups;
-#pragma omp parallel for num_threads(prm->threads) schedule(static)
-    for (int64_t r = 0; r < prm->rows; ++r) {
-        const uint32_t base = row_base(row_ids, r, prm);
-        double total = 0.0;
-        for (int64_t g0 = 0; g0 < groups; g0 += LANES) {
-            const int n = groups - g0 < LANES ? (int)(groups - g0) : LANES;
-            const int64_t at = r * groups + g0;
-            float p[6][LANES], m[4][LANES], w[4][LANES];
-            block_probs(logits + at * 6, n, base + (uint32_t)(g0 * 6), prm, p);
-            block_mask(p, prm->hard, m);
-            load4(weight + at * 4, n, w);
-            for (int j = 0; j < 4; ++j)
-                for (int i = 0; i < n; ++i) {
-                    const float v = w[j][i] * m[j][i];
-                    total += (double)v * v;
-                }
-        }
-        row_sums[r] = total;
     }
 }
