@@ -14,6 +14,7 @@ from megatron.sparse.convert.megatron_to_hf import megatron_to_hf
 from megatron.sparse.model import LlamaArgs, model_forward
 from tests.distributed import run_distributed
 from tests.hf_tiny import FAMILIES, tiny_hf_model
+from tests.tools import run_tool_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -155,7 +156,11 @@ def _bad_input_case(tmp_path: Path, case: str):
 def test_bad_inputs_one_line_error_and_nothing_written(tmp_path, case, message):
     hf_dir, out, tp = _bad_input_case(tmp_path, case)
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = _convert(hf_dir, out, tp)
+    if case == "architecture":  # the command line itself; the other cases run in-process
+        result = _convert(hf_dir, out, tp)
+    else:
+        result = run_tool_in_process("convert_hf_to_megatron", "--hf", hf_dir, "--tp", tp,
+                                     "--out", out)
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr

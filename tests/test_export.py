@@ -13,6 +13,7 @@ from megatron.sparse.layers import sparse_layers
 from megatron.sparse.mask import is_two_four
 from tests.distributed import run_distributed
 from tests.hf_tiny import tiny_hf_model
+from tests.tools import run_tool_in_process
 from tests.train_fixtures import write_tokens
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -116,28 +117,32 @@ def test_export_round_trip_ppl_and_formats(learned, exported):
     assert total_weights <= total_bits < total_weights + 8 * len(masks.files)
 
 
+def _eval_masks_of(roots):
+    return [_eval_masks(root) for root in roots]
+
+
 def test_import_at_tp1_2_4_gives_identical_masks(learned, exported, tmp_path):
     root, _ = learned
     _, mask_file = exported
     reference = run_distributed(_eval_masks, 2, str(root / "learned"))
-    for tp in (1, 2, 4):
-        out = tmp_path / f"fixed_tp{tp}"
-        result = (_tool if tp == 1 else lambda *a: _torchrun(tp, *a))(
-            "import_masks", "--load", root / "dense", "--mask-file", mask_file,
-            "--save", out, "--as-fixed")
+    outs = [tmp_path / f"fixed_tp{tp}" for tp in (1, 2, 4)]
+    for tp, out in zip((1, 2, 4), outs):
+        args = ("import_masks", "--load", root / "dense", "--mask-file", mask_file,
+                "--save", out, "--as-fixed")
+        result = run_tool_in_process(*args) if tp == 1 else _torchrun(tp, *args)
         assert result.returncode == 0, result.stderr
-        got = run_distributed(_eval_masks, 1, str(out))
-        assert got.keys() == reference.keys()
-        for key in reference:
-            assert torch.equal(got[key], reference[key]), (tp, key)
     # as a prior the logits reproduce the mask at high strength and stay learnable
-    result = _tool("import_masks", "--load", root / "dense", "--mask-file", mask_file,
-                   "--save", tmp_path / "prior", "--as-prior", "--prior-strength", "10")
+    result = run_tool_in_process("import_masks", "--load", root / "dense", "--mask-file",
+                                 mask_file, "--save", tmp_path / "prior", "--as-prior",
+                                 "--prior-strength", "10")
     assert result.returncode == 0, result.stderr
     meta = checkpoint.read_checkpoint_meta(tmp_path / "prior")
     assert meta["logits_are_init"] and meta["mask_source"].startswith("imported-prior")
-    got = run_distributed(_eval_masks, 1, str(tmp_path / "prior"))
-    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    results = run_distributed(_eval_masks_of, 1, [str(p) for p in outs + [tmp_path / "prior"]])
+    for name, got in zip(["fixed TP=1", "fixed TP=2", "fixed TP=4", "prior"], results):
+        assert got.keys() == reference.keys(), name
+        for key in reference:
+            assert torch.equal(got[key], reference[key]), (name, key)
 
 
 def _corrupt(path: Path, case: str, good: Path) -> None:
@@ -173,7 +178,8 @@ def test_bad_mask_files_one_line_error_nothing_written(learned, exported, tmp_pa
     good = exported[1]
     bad = tmp_path / "masks.npz"
     _corrupt(bad, case, good)
-    result = _tool("import_masks", "--load", root / "dense", "--mask-file", bad, "--save",
+    # The command line itself for one case; the others run the same script in-process.
+    result = (_tool if case == "truncated" else run_tool_in_process)("import_masks", "--load", root / "dense", "--mask-file", bad, "--save",
                    tmp_path / "out", "--as-fixed")
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -184,6 +190,6 @@ def test_bad_mask_files_one_line_error_nothing_written(learned, exported, tmp_pa
 
 def test_export_refuses_checkpoint_without_masks(learned, tmp_path):
     root, _ = learned
-    result = _tool("export_hf", "--load", root / "dense", "--out", tmp_path / "x")
+    result = run_tool_in_process("export_hf", "--load", root / "dense", "--out", tmp_path / "x")
     assert result.returncode == 2 and "holds no masks" in result.stderr
     assert not (tmp_path / "x").exists()

@@ -12,6 +12,7 @@ import torch
 from megatron.sparse import parallel
 from megatron.sparse.checkpoint import read_checkpoint_meta, save_checkpoint
 from tests.tiny import tiny_gqa
+from tests.tools import run_tool_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,16 +78,18 @@ def test_tool_user_errors(dense_ckpt, tmp_path):
     ]
     import re
 
-    for extra, message in cases:
-        res = run_tool("prune_oneshot", "--load", dense_ckpt, "--save", tmp_path / "o", *extra)
+    for i, (extra, message) in enumerate(cases):
+        # The first case through the command line itself, the others in-process (same script).
+        res = (run_tool if i == 0 else run_tool_in_process)(
+            "prune_oneshot", "--load", dense_ckpt, "--save", tmp_path / "o", *extra)
         assert res.returncode == 2, (extra, res.stderr)
         assert re.search(message, res.stderr), (message, res.stderr)
         assert "Traceback" not in res.stderr
-    res = run_tool("prune_oneshot", "--load", tmp_path / "none", "--method", "magnitude",
-                   "--seq-length", 8, "--save", tmp_path / "o")
+    res = run_tool_in_process("prune_oneshot", "--load", tmp_path / "none", "--method",
+                              "magnitude", "--seq-length", 8, "--save", tmp_path / "o")
     assert res.returncode == 2 and "is not a megatron-sparse checkpoint" in res.stderr
-    res = run_tool("eval_ppl", "--load", dense_ckpt, "--data", "x", "--seq-length", 8,
-                   "--tp", 3)
+    res = run_tool("eval_ppl", "--load", dense_ckpt, "--data", "x", "--seq-length", 8, "--tp", 3)
     assert res.returncode == 2 and "does not divide the attention heads" in res.stderr
-    res = run_tool("eval_ppl", "--load", dense_ckpt, "--data", "x", "--seq-length", 4096)
+    res = run_tool_in_process("eval_ppl", "--load", dense_ckpt, "--data", "x", "--seq-length",
+                              4096)
     assert res.returncode == 2 and "exceeds the model's max_position_embeddings" in res.stderr

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron.sparse import checkpoint
-from tests.distributed import run_distributed
+from megatron.sparse import checkpoint, parallel
 from tests.tiny import tiny_gqa
 
 
@@ -29,6 +28,7 @@ def _save_tiny(root: str, overrides: dict, mask_source: str) -> None:
 
 
 def tiny_checkpoint(root: str, *, mask_source: str = "none", **overrides) -> str:
-    """Save a randomly initialised tiny GQA model as a TP=1 checkpoint."""
-    run_distributed(_save_tiny, 1, root, overrides, mask_source)
+    """Save a randomly initialised tiny GQA model as a TP=1 checkpoint (in this process)."""
+    with parallel.distributed(1):
+        _save_tiny(root, overrides, mask_source)
     return root
