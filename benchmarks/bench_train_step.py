@@ -6,6 +6,8 @@ gradients (one GEMM per linear) and the Gumbel-softmax mask math. Both run side 
 interleaved rep by rep (the ratio is the median of the per-rep ratios). The GEMM-count floor of
 the ratio (exact logit gradients, free mask math) is printed beside it.
 
+With ``--reg-lambda`` the mask step also adds the sparse-weight regulariser, as the trainer does.
+
     python benchmarks/bench_train_step.py [--seq-length 2048] [--layers 30] [--reps 3]
 """
 
@@ -51,6 +53,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reg-lambda", type=float, default=0.0,
+                   help="add -lambda * sum ||sg(W) M||^2 to the mask step's loss (trainer's form)")
     args = p.parse_args()
     parallel.initialize(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,6 +77,9 @@ def main() -> None:
         def run():
             model.zero_grad(set_to_none=True)
             loss = model_forward(model, tokens[:, :-1], tokens[:, 1:]).float().mean()
+            if args.reg_lambda > 0 and model is sparse:
+                reg = sum(layer.sparse_weight_norm_sq() for _, layer in sparse_layers(model))
+                loss = loss - args.reg_lambda * reg
             loss.backward()
         return run
 
@@ -80,7 +87,8 @@ def main() -> None:
     t_mask, t_dense = median(samples["mask"]), median(samples["dense"])
     n_tok = args.batch * args.seq_length
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} layers={args.layers} "
-          f"batch={args.batch} seq={args.seq_length} reps={args.reps}")
+          f"batch={args.batch} seq={args.seq_length} reps={args.reps} "
+          f"reg_lambda={args.reg_lambda}")
     print(f"mask-learning step : {t_mask * 1e3:9.1f} ms  ({n_tok / t_mask:8.0f} tok/s)")
     print(f"dense frozen step  : {t_dense * 1e3:9.1f} ms  ({n_tok / t_dense:8.0f} tok/s)")
     print(f"ratio mask/dense   : {median_ratio(samples, 'mask', 'dense'):.3f}  (target <= 1.15)")

@@ -48,11 +48,16 @@ def _convert(hf_dir, out, tp=1, *extra) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def _convert_here(hf_dir, out, tp=1) -> subprocess.CompletedProcess:
+    """The same tool in this process (the command line itself is run by ``embedded_dense``)."""
+    return run_tool_in_process("convert_hf_to_megatron", "--hf", hf_dir, "--tp", tp, "--out", out)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers_at_tp1_and_tp2(family, tmp_path):
     hf = tiny_hf_model(family)
     hf_dir = _save_hf(hf, tmp_path / "hf")
-    result = _convert(hf_dir, tmp_path / "meg", 2)
+    result = _convert_here(hf_dir, tmp_path / "meg", 2)
     assert result.returncode == 0, result.stderr
     tokens = torch.randint(0, 128, (2, 40))
     with torch.no_grad():
@@ -96,7 +101,7 @@ def test_hf_megatron_tp2_hf_round_trip(tmp_path):
 
     hf = tiny_hf_model("tied_gqa")
     hf_dir = _save_hf(hf, tmp_path / "hf")
-    assert _convert(hf_dir, tmp_path / "meg", 2).returncode == 0
+    assert _convert_here(hf_dir, tmp_path / "meg", 2).returncode == 0
     result = subprocess.run([sys.executable, str(TOOLS / "convert_megatron_to_hf.py"), "--load",
                              str(tmp_path / "meg"), "--out", str(tmp_path / "back")],
                             capture_output=True, text=True)
@@ -172,17 +177,16 @@ def test_bad_inputs_one_line_error_and_nothing_written(tmp_path, case, message):
 
 
 @pytest.mark.slow
-def test_embedded_model_matches_transformers_on_real_text(tmp_path):
+def test_embedded_model_matches_transformers_on_real_text(embedded_dense):
+    """The tool's TP=3 conversion of the embedded model (the session's ``embedded_dense``)."""
     from megatron.sparse.data.tokenizer import encode, load_tokenizer
     from megatron.sparse.embedded import load_embedded_model
 
-    result = _convert("embedded", tmp_path / "meg", 3)
-    assert result.returncode == 0, result.stderr
     text = "The Academy Awards are the oldest awards ceremony for achievements in motion pictures."
     tokens = torch.tensor([encode(load_tokenizer("embedded"), text)])
     with torch.no_grad():
         expected = load_embedded_model()(tokens).logits
     for tp in (1, 3):  # 9 heads / 3 KV heads: TP 1 or 3
-        got = run_distributed(_megatron_logits, tp, str(tmp_path / "meg"), tokens)
+        got = run_distributed(_megatron_logits, tp, str(embedded_dense), tokens)
         diff = (got - expected).abs().max().item()
         assert diff <= 1e-3, f"TP={tp}: max abs diff {diff}"

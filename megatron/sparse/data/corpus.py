@@ -10,8 +10,8 @@ for evaluation, the rest is training/calibration text.
 from __future__ import annotations
 
 import bz2
+import importlib.util
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -22,13 +22,15 @@ SPLITS = ("train", "eval")
 
 
 def embedded_dump_path() -> Path:
-    """Location of the Wikipedia dump inside the installed gensim package."""
-    try:
-        import gensim
-    except ImportError as exc:
+    """Location of the Wikipedia dump inside the installed gensim package.
+
+    Found without importing gensim (~3 s): only a cache miss parses the dump with it.
+    """
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the embedded corpus needs gensim: pip install "
-                                "'megatron-sparse[embedded]'") from exc
-    path = Path(os.path.dirname(gensim.__file__)) / "test" / "test_data" / EMBEDDED_DUMP
+                                "'megatron-sparse[embedded]'")
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / EMBEDDED_DUMP
     if not path.is_file():
         raise FileNotFoundError(f"gensim is installed but its test data {path} is missing")
     return path
