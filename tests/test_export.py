@@ -1,7 +1,5 @@
 """Export to HF and import of packed mask files: round trips across TP, formats, bad files."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +11,8 @@ from megatron.sparse.layers import sparse_layers
 from megatron.sparse.mask import is_two_four
 from tests.distributed import run_distributed
 from tests.hf_tiny import tiny_hf_model
-from tests.tools import run_tool_in_process
+from tests.tools import run_tool, run_tool_in_process
 from tests.train_fixtures import write_tokens
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def _tool(name, *args):
-    return subprocess.run([sys.executable, str(TOOLS / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True)
-
-
-def _torchrun(nproc, name, *args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", str(nproc),
-                           str(TOOLS / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True)
-
 
 def _train(cfg):
     from megatron.sparse.train.loop import MaskTrainer
@@ -65,7 +48,7 @@ def learned(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     hf = tiny_hf_model("llama2_mha")
     hf.save_pretrained(root / "hf")
-    assert _tool("convert_hf_to_megatron", "--hf", root / "hf", "--tp", 2, "--out",
+    assert run_tool("convert_hf_to_megatron", "--hf", root / "hf", "--tp", 2, "--out",
                  root / "dense").returncode == 0
     write_tokens(str(root / "tokens"), docs=30, doc_len=40, vocab=128)
     cfg = TrainConfig(load=str(root / "dense"), data=str(root / "tokens"),
@@ -80,7 +63,7 @@ def learned(tmp_path_factory):
 def exported(learned):
     """The learned checkpoint exported once: (HF dir, mask file)."""
     root, _ = learned
-    result = _tool("export_hf", "--load", root / "learned", "--out", root / "hf_sparse",
+    result = run_tool("export_hf", "--load", root / "learned", "--out", root / "hf_sparse",
                    "--mask-file", root / "masks.npz")
     assert result.returncode == 0, result.stderr
     return root / "hf_sparse", root / "masks.npz"
@@ -129,7 +112,7 @@ def test_import_at_tp1_2_4_gives_identical_masks(learned, exported, tmp_path):
     for tp, out in zip((1, 2, 4), outs):
         args = ("import_masks", "--load", root / "dense", "--mask-file", mask_file,
                 "--save", out, "--as-fixed")
-        result = run_tool_in_process(*args) if tp == 1 else _torchrun(tp, *args)
+        result = run_tool_in_process(*args) if tp == 1 else run_tool(*args, nproc=tp)
         assert result.returncode == 0, result.stderr
     # as a prior the logits reproduce the mask at high strength and stay learnable
     result = run_tool_in_process("import_masks", "--load", root / "dense", "--mask-file",
@@ -179,8 +162,9 @@ def test_bad_mask_files_one_line_error_nothing_written(learned, exported, tmp_pa
     bad = tmp_path / "masks.npz"
     _corrupt(bad, case, good)
     # The command line itself for one case; the others run the same script in-process.
-    result = (_tool if case == "truncated" else run_tool_in_process)("import_masks", "--load", root / "dense", "--mask-file", bad, "--save",
-                   tmp_path / "out", "--as-fixed")
+    runner = run_tool if case == "truncated" else run_tool_in_process
+    result = runner("import_masks", "--load", root / "dense", "--mask-file", bad, "--save",
+                    tmp_path / "out", "--as-fixed")
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last

@@ -1,31 +1,20 @@
 """tools/prune_oneshot.py and tools/eval_ppl.py on a tiny checkpoint: outputs and user errors."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron.sparse import parallel
 from megatron.sparse.checkpoint import read_checkpoint_meta, save_checkpoint
+from tests import tools
 from tests.tiny import tiny_gqa
 from tests.tools import run_tool_in_process
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def run_tool(name, *args, nproc=1):
-    cmd = [sys.executable, "-W", "ignore"]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += [str(ROOT / "tools" / f"{name}.py"), *map(str, args)]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def run_tool(name, *args):
+    """The tool on one thread with library warnings silenced (stderr holds only its messages)."""
+    return tools.run_tool(name, *args, timeout=300, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,15 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def run_tool(name: str, *args, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python tools/<name>.py ARGS`` (under torchrun when ``nproc > 1``), output captured."""
+def run_tool(name: str, *args, nproc: int = 1, timeout: float = 600,
+             **env_overrides: str) -> subprocess.CompletedProcess:
+    """``python tools/<name>.py ARGS`` (under torchrun when ``nproc > 1``), output captured;
+    ``env_overrides`` are set in its environment."""
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd += [str(TOOLS / f"{name}.py"), *map(str, args)]
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV} | env_overrides
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
