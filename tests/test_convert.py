@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,8 @@ from megatron.sparse.convert.megatron_to_hf import megatron_to_hf
 from megatron.sparse.model import LlamaArgs, model_forward
 from tests.distributed import run_distributed
 from tests.hf_tiny import FAMILIES, tiny_hf_model
-from tests.tools import run_tool_in_process
+from tests.tools import run_tool, run_tool_in_process
 
-REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
 
 
 def _save_hf(model, directory: Path) -> Path:
@@ -40,12 +37,6 @@ def _megatron_logits(root: str, tokens: torch.Tensor):
     parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, logits.contiguous(), group=group)
     return torch.cat(parts, -1)
-
-
-def _convert(hf_dir, out, tp=1, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_megatron.py"), "--hf",
-                           str(hf_dir), "--tp", str(tp), "--out", str(out), *extra],
-                          capture_output=True, text=True)
 
 
 def _convert_here(hf_dir, out, tp=1) -> subprocess.CompletedProcess:
@@ -102,9 +93,8 @@ def test_hf_megatron_tp2_hf_round_trip(tmp_path):
     hf = tiny_hf_model("tied_gqa")
     hf_dir = _save_hf(hf, tmp_path / "hf")
     assert _convert_here(hf_dir, tmp_path / "meg", 2).returncode == 0
-    result = subprocess.run([sys.executable, str(TOOLS / "convert_megatron_to_hf.py"), "--load",
-                             str(tmp_path / "meg"), "--out", str(tmp_path / "back")],
-                            capture_output=True, text=True)
+    result = run_tool("convert_megatron_to_hf", "--load", tmp_path / "meg", "--out",
+                      tmp_path / "back")
     assert result.returncode == 0, result.stderr
     original, back = load_file(hf_dir / "model.safetensors"), load_file(
         tmp_path / "back" / "model.safetensors")
@@ -162,7 +152,7 @@ def test_bad_inputs_one_line_error_and_nothing_written(tmp_path, case, message):
     hf_dir, out, tp = _bad_input_case(tmp_path, case)
     before = sorted(p.name for p in tmp_path.iterdir())
     if case == "architecture":  # the command line itself; the other cases run in-process
-        result = _convert(hf_dir, out, tp)
+        result = run_tool("convert_hf_to_megatron", "--hf", hf_dir, "--tp", tp, "--out", out)
     else:
         result = run_tool_in_process("convert_hf_to_megatron", "--hf", hf_dir, "--tp", tp,
                                      "--out", out)

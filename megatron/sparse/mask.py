@@ -109,15 +109,6 @@ def gumbel_noise(seed: int, index: torch.Tensor) -> torch.Tensor:
     return counter_uniform(seed, index).log_().neg_().clamp_min_(GUMBEL_EPS).log_().neg_()
 
 
-def candidate_probs(logits: torch.Tensor, *, tau: float, kappa: float,
-                    noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Gumbel-softmax probabilities ``softmax((kappa * logits + g) / tau)`` over the 6 candidates."""
-    scores = kappa * logits.float()
-    if noise is not None:
-        scores = scores + noise
-    return torch.softmax(scores / tau, dim=-1)
-
-
 class _SoftMask(torch.autograd.Function):
     """``softmax((kappa l + g) / tau) @ S`` with an analytic backward.
 
