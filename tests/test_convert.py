@@ -16,7 +16,6 @@ from tests.hf_tiny import FAMILIES, tiny_hf_model
 from tests.tools import run_tool, run_tool_in_process
 
 
-
 def _save_hf(model, directory: Path) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     return directory
