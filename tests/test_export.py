@@ -49,7 +49,7 @@ def learned(tmp_path_factory):
     hf = tiny_hf_model("llama2_mha")
     hf.save_pretrained(root / "hf")
     assert run_tool("convert_hf_to_megatron", "--hf", root / "hf", "--tp", 2, "--out",
-                 root / "dense").returncode == 0
+                    root / "dense").returncode == 0
     write_tokens(str(root / "tokens"), docs=30, doc_len=40, vocab=128)
     cfg = TrainConfig(load=str(root / "dense"), data=str(root / "tokens"),
                       save=str(root / "learned"), seq_length=16, micro_batch_size=2,
@@ -64,7 +64,7 @@ def exported(learned):
     """The learned checkpoint exported once: (HF dir, mask file)."""
     root, _ = learned
     result = run_tool("export_hf", "--load", root / "learned", "--out", root / "hf_sparse",
-                   "--mask-file", root / "masks.npz")
+                      "--mask-file", root / "masks.npz")
     assert result.returncode == 0, result.stderr
     return root / "hf_sparse", root / "masks.npz"
 

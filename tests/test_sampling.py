@@ -1,6 +1,8 @@
 """The training-mask sample: fused CPU kernel vs the PyTorch path vs autograd through the formula."""
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -161,9 +163,6 @@ def test_first_cpu_math_call_of_a_process_is_accurate_after_the_warm_up():
     """torch 2.13's first vectorised CPU math call of a process is sometimes off by ~1e-4
     (compat.warm_up_cpu_math; without the warm-up 1 to 4 of 16 fresh processes here see it); with
     it, fresh processes compute the first call exactly."""
-    import subprocess
-    import sys
-
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     procs = [subprocess.Popen([sys.executable, "-c", _FIRST_MATH_CALL], env=env,
                               stdout=subprocess.PIPE, text=True) for _ in range(8)]
