@@ -79,6 +79,9 @@ class TrainConfig:
     """Seed for logits init, data order and Gumbel noise."""
     exit_after_save: bool = False
     """Exit once the first interval checkpoint is written (tests, time-limited jobs)."""
+    override_resume_config: bool = False
+    """Resume even if ``seq_length``, ``global_batch_size`` or ``data`` differ from the saved run
+    (the data order then differs from an uninterrupted run)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

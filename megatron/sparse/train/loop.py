@@ -27,7 +27,9 @@ from megatron.sparse.train import schedules
 from megatron.sparse.train.config import TrainConfig
 from megatron.sparse.train.data import TrainBatches
 from megatron.sparse.train.metrics import HISTORY_FILE, MetricsLogger
-from megatron.sparse.train.state import read_train_state, restore_train_state, write_train_state
+from megatron.sparse.train.state import (
+    check_resume, read_train_state, restore_train_state, run_tag, saved_run, write_train_state,
+)
 
 
 class PreemptionFlag:
@@ -156,12 +158,24 @@ class MaskTrainer:
 
     # -- set-up ----------------------------------------------------------------------------------
     def _resume_root(self) -> str | None:
-        """A training checkpoint to resume: ``--save`` if it has one (requeue), else ``--load``."""
-        for root in (self.cfg.save, self.cfg.load):
-            if root and ckpt.latest_iteration(root) is not None:
-                if read_train_state(ckpt.resolve_iteration(root)) is not None:
-                    return root
+        """A training checkpoint to resume: ``--save`` if it has one (requeue), else ``--load``.
+
+        Refuses (one line, nothing written) a ``--save`` that is another kind of checkpoint or
+        another model's run, and a resume whose data settings changed (train/state.py).
+        """
+        cfg, run = self.cfg, self._run_tag()
+        if cfg.save and check_resume(cfg.save, "--save", run=run,
+                                     model=ckpt.read_checkpoint_meta(cfg.load)["model"],
+                                     override=cfg.override_resume_config):
+            return cfg.save
+        if saved_run(cfg.load) is not None and ckpt.latest_iteration(cfg.load) is not None:
+            check_resume(cfg.load, "--load", run=run, override=cfg.override_resume_config)
+            return cfg.load
         return None
+
+    def _run_tag(self) -> dict:
+        return run_tag("maskllm", seq_length=self.cfg.seq_length,
+                       global_batch_size=self.cfg.global_batch_size, data_prefix=self.cfg.data)
 
     def _fresh_logits(self) -> None:
         if self.meta.get("logits_are_init") and self.cfg.prior is None:
@@ -243,7 +257,7 @@ class MaskTrainer:
         if not self.cfg.save:
             return
         meta = {k: v for k, v in self.meta.items() if k not in ("model", "logits_are_init")}
-        meta.update(mask_source="maskllm", base_checkpoint=self.meta.get("base_checkpoint",
+        meta.update(mask_source="maskllm", run=self._run_tag(), base_checkpoint=self.meta.get("base_checkpoint",
                                                                          self.cfg.load))
         ckpt.save_checkpoint(
             self.cfg.save, self.model, iteration=step, args=self.args, meta=meta,

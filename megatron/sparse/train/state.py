@@ -5,11 +5,18 @@
 ``iter_XXXXXXX/rng/rank_GGG.pt``      torch CPU (and CUDA) RNG state of global rank GGG
 
 All ``.pt`` files hold only tensors and plain containers and are read with ``weights_only=True``.
+
+A training run tags its checkpoints in ``model_args.json`` with ``{"run": {"method": ...,
+"seq_length": ..., "global_batch_size": ..., "data_prefix": ...}}`` (:func:`run_tag`);
+:func:`check_resume` reads it before anything is written, so that ``--save`` never turns a
+converted, pruned or imported checkpoint, or another model's run, into a training run. Training
+checkpoints written before the tag existed (a ``train_state.json``, no tag) are MaskLLM runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +24,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron.sparse import checkpoint as ckpt
+
 STATE_FILE = "train_state.json"
+RUN_KEY = "run"
+# The run settings a resume must keep: they fix the data order (train/data.py).
+_RESUME_FIELDS = (("seq_length", "--seq-length"), ("global_batch_size", "--global-batch-size"),
+                  ("data_prefix", "--data"))
 
 
 def _rank() -> int:
@@ -65,3 +78,69 @@ def restore_train_state(directory: Path, state: dict[str, Any],
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+def run_tag(method: str, *, seq_length: int, global_batch_size: int,
+            data_prefix: str) -> dict[str, Any]:
+    """The ``run`` entry of a training checkpoint's ``model_args.json``."""
+    return {"method": method, "seq_length": seq_length, "global_batch_size": global_batch_size,
+            "data_prefix": os.path.abspath(data_prefix)}
+
+
+def saved_run(root: str | Path) -> dict[str, Any] | None:
+    """The run tag of a checkpoint directory, None when it is not a training run.
+
+    An untagged checkpoint whose latest iteration has a ``train_state.json`` (written before
+    the tag existed) is a MaskLLM run with the settings recorded there.
+    """
+    meta = ckpt.read_checkpoint_meta(root)
+    if RUN_KEY in meta:
+        return meta[RUN_KEY]
+    if ckpt.latest_iteration(root) is None:
+        return None
+    state = read_train_state(ckpt.iteration_dir(root, ckpt.latest_iteration(root)))
+    if state is None:
+        return None
+    config = state.get("config", {})
+    return {"method": "maskllm", "seq_length": config.get("seq_length"),
+            "global_batch_size": config.get("global_batch_size"),
+            "data_prefix": config.get("data") and os.path.abspath(config["data"])}
+
+
+def check_resume(root: str | Path, flag: str, *, run: dict[str, Any],
+                 model: dict[str, Any] | None = None, override: bool = False) -> bool:
+    """Whether ``root`` holds a run to resume (False: no checkpoint there yet).
+
+    One-line ValueError, before anything is written, when ``root`` is a checkpoint but not a
+    training run of ``run["method"]``, a run of another model (``model``: the expected
+    ``model_args.json`` model entry), or a run with other resume settings (unless ``override``).
+    """
+    root = Path(root)
+    if not (root / ckpt.ARGS_FILE).is_file():
+        if ckpt.latest_iteration(root) is not None:
+            raise ValueError(f"{flag} {root} holds checkpoint iterations but no {ckpt.ARGS_FILE}; "
+                             f"it is not a training run: choose a new {flag} directory")
+        return False
+    saved = saved_run(root)
+    method = run["method"]
+    if saved is None:
+        source = ckpt.read_checkpoint_meta(root).get("mask_source", "none")
+        kind = "converted" if source in ("none", None) else f"{source} (one-shot or imported)"
+        raise ValueError(f"{flag} {root} is a {kind} checkpoint, not a {method} training run; "
+                         f"it is left untouched: choose a new {flag} directory")
+    if saved.get("method") != method:
+        raise ValueError(f"{flag} {root} is a {saved.get('method')} training run, not {method}; "
+                         f"choose a new {flag} directory")
+    if model is not None:
+        have = ckpt.read_checkpoint_meta(root)["model"]
+        if have | {"extra": {}} != model | {"extra": {}}:
+            raise ValueError(f"{flag} {root} is a training run of another model (hidden "
+                             f"{have.get('hidden_size')}, {have.get('num_layers')} layers vs "
+                             f"hidden {model.get('hidden_size')}, {model.get('num_layers')} "
+                             f"layers); choose a new {flag} directory")
+    changed = [f"{opt} {saved.get(key)} -> {run[key]}" for key, opt in _RESUME_FIELDS
+               if saved.get(key) is not None and saved.get(key) != run[key]]
+    if changed and not override:
+        raise ValueError(f"cannot resume {root}: the run changed {', '.join(changed)}; use the "
+                         f"saved settings, a new {flag} directory, or --override-resume-config")
+    return ckpt.latest_iteration(root) is not None
