@@ -19,11 +19,13 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 class _TokenIds:
     """What GPTDataset reads from a tokenizer. With reset_position_ids, reset_attention_mask and
-    eod_mask_loss off it never uses ``eod``; ``pad=-1`` means no token is treated as padding."""
+    eod_mask_loss off it never uses ``eod``; ``pad=-1`` (megatron-core's own "no padding" id)
+    means no token is treated as padding. ``eod`` is a different sentinel: megatron-core warns
+    at every dataset build when the pad id equals another special id."""
 
     def __init__(self, *, vocab_size: int):
         self.vocab_size = vocab_size
-        self.eod = -1
+        self.eod = -2
         self.pad = -1
         self.unique_identifiers = {"class": "megatron-sparse-token-ids", "vocab_size": vocab_size}
 
