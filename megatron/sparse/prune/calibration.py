@@ -87,8 +87,10 @@ class InputStats:
                 tp, _, group = _tp()
                 x = _gather_last_dim(x, tp, group)
             xf = x.float()
-            xtx = xf.t() @ xf
-            self.xtx = xtx if self.xtx is None else self.xtx.add_(xtx)
+            if self.xtx is None:
+                self.xtx = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float32,
+                                       device=xf.device)
+            self.xtx.addmm_(xf.t(), xf)  # fp32 sum of x x^T in place, no per-batch temporary
         self.num_tokens += x.shape[0]
 
     def hessian_matrix(self) -> torch.Tensor:
@@ -190,10 +192,13 @@ def prune_model(model: torch.nn.Module, tokens: torch.Tensor, *, method: str,
             masks[f"decoder.layers.{index}.{name}"] = prune_linear(
                 lin, stats.get(name), method=method, update_weight=update_weight,
                 block_size=block_size, percdamp=percdamp, full_row_hessian=full_row_hessian)
-        del stats
+        del stats  # frees this layer's Hessians before the next layer's are accumulated
         if needs_data and index + 1 < len(layers):
-            set_mask_state(layer, enabled=True)
-            hidden = [layer(h, attention_mask=attn_mask, rotary_pos_emb=rope)[0] for h in hidden]
+            # with update_weight the pruned entries are already 0 in the weights, so the dense
+            # forward gives the masked result without a weight * mask copy per micro-batch
+            set_mask_state(layer, enabled=not update_weight)
+            for i, h in enumerate(hidden):
+                hidden[i] = layer(h, attention_mask=attn_mask, rotary_pos_emb=rope)[0]
             set_mask_state(layer, enabled=False)
         log(f"layer {index + 1}/{len(layers)}: {method} {time.perf_counter() - start_time:.1f}s, "
             f"peak memory {peak_memory_mib():.0f} MiB")

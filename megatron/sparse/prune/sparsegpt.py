@@ -61,20 +61,27 @@ def sparsegpt_prune(*, weight: torch.Tensor, hessian: torch.Tensor, update_weigh
         W1 = W[:, start:end].clone()
         U1 = U[start:end, start:end]
         d1 = torch.diag(U1)
-        err1 = torch.zeros_like(W1)
-        for i in range(end - start):
-            if i % GROUP == 0:
-                saliency = W1[:, i:i + GROUP] ** 2 / d1[i:i + GROUP].unsqueeze(0) ** 2
-                drop = torch.sort(saliency, dim=1, stable=True).indices[:, :GROUP - KEEP]
-                pruned[:, start + i:start + i + GROUP].scatter_(1, drop, True)
-            w = W1[:, i]
-            q = torch.where(pruned[:, start + i], torch.zeros_like(w), w)
-            err = (w - q) / d1[i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-            W1[:, i] = q
-        W[:, start:end] = W1
-        W[:, end:] -= err1 @ U[start:end, end:]
+        err1 = torch.empty_like(W1)
+        for g in range(0, end - start, GROUP):
+            # the mask of a group is chosen on the weights compensated for all earlier columns
+            saliency = W1[:, g:g + GROUP] ** 2 / d1[g:g + GROUP].unsqueeze(0) ** 2
+            drop = torch.sort(saliency, dim=1, stable=True).indices[:, :GROUP - KEEP]
+            cut = torch.zeros(rows, GROUP, dtype=torch.bool, device=W.device).scatter_(1, drop,
+                                                                                       True)
+            pruned[:, start + g:start + g + GROUP] = cut
+            scale = cut.to(dtype) / d1[g:g + GROUP].unsqueeze(0)  # err = (w - q) / d
+            # OBS steps inside the group column by column; the rest of the block at once
+            for k in range(GROUP):
+                i = g + k
+                torch.mul(W1[:, i], scale[:, k], out=err1[:, i])
+                if k + 1 < GROUP:
+                    W1[:, i + 1:g + GROUP].addr_(err1[:, i], U1[i, i + 1:g + GROUP], alpha=-1)
+            if g + GROUP < end - start:
+                W1[:, g + GROUP:].addmm_(err1[:, g:g + GROUP], U1[g:g + GROUP, g + GROUP:],
+                                         alpha=-1)
+        W[:, start:end] = W1.masked_fill_(pruned[:, start:end], 0)
+        if end < cols:
+            W[:, end:].addmm_(err1, U[start:end, end:], alpha=-1)
     mask = ~pruned
     if not update_weight:
         return mask, None
