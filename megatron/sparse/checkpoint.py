@@ -71,6 +71,11 @@ def read_model_args(root: str | Path) -> LlamaArgs:
     return LlamaArgs.from_dict(read_checkpoint_meta(root)["model"])
 
 
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two ``model_args.json`` model entries describe the same model (``extra`` aside)."""
+    return a | {"extra": {}} == b | {"extra": {}}
+
+
 def latest_iteration(root: str | Path) -> int | None:
     """The iteration in ``latest_checkpointed_iteration.txt``, or None when there is none."""
     path = Path(root) / LATEST_FILE

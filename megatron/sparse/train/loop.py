@@ -75,7 +75,7 @@ def init_logits(model: torch.nn.Module, seed: int) -> None:
 def apply_prior(model: torch.nn.Module, prior_dir: str, args: LlamaArgs, strength: float) -> None:
     """Shift the logits toward the eval masks stored in a one-shot checkpoint."""
     prior_args = ckpt.read_model_args(prior_dir)
-    if prior_args.to_dict() | {"extra": {}} != args.to_dict() | {"extra": {}}:
+    if not ckpt.same_model(prior_args.to_dict(), args.to_dict()):
         raise ValueError(f"--prior {prior_dir} is a checkpoint of another model (hidden "
                          f"{prior_args.hidden_size}, {prior_args.num_layers} layers vs hidden "
                          f"{args.hidden_size}, {args.num_layers} layers); use a prior of this model")
@@ -257,8 +257,8 @@ class MaskTrainer:
         if not self.cfg.save:
             return
         meta = {k: v for k, v in self.meta.items() if k not in ("model", "logits_are_init")}
-        meta.update(mask_source="maskllm", run=self._run_tag(), base_checkpoint=self.meta.get("base_checkpoint",
-                                                                         self.cfg.load))
+        meta.update(mask_source="maskllm", run=self._run_tag(),
+                    base_checkpoint=self.meta.get("base_checkpoint", self.cfg.load))
         ckpt.save_checkpoint(
             self.cfg.save, self.model, iteration=step, args=self.args, meta=meta,
             write_extra=lambda d: write_train_state(d, step=step, optimizer=self.optimizer,

@@ -133,7 +133,7 @@ def check_resume(root: str | Path, flag: str, *, run: dict[str, Any],
                          f"choose a new {flag} directory")
     if model is not None:
         have = ckpt.read_checkpoint_meta(root)["model"]
-        if have | {"extra": {}} != model | {"extra": {}}:
+        if not ckpt.same_model(have, model):
             raise ValueError(f"{flag} {root} is a training run of another model (hidden "
                              f"{have.get('hidden_size')}, {have.get('num_layers')} layers vs "
                              f"hidden {model.get('hidden_size')}, {model.get('num_layers')} "
