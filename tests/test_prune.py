@@ -8,7 +8,7 @@ from megatron.sparse import parallel
 from megatron.sparse.convert.sharding import merge_state_dicts, shard_state_dict
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.model import model_forward
-from megatron.sparse.prune.apply import logits_for_mask
+from megatron.sparse.prune.apply import store_mask
 from megatron.sparse.prune.calibration import prune_model
 from megatron.sparse.prune.magnitude import magnitude_mask
 from megatron.sparse.prune.sparsegpt import sparsegpt_prune
@@ -117,19 +117,25 @@ def test_sparsegpt_matches_reference(block_size):
     assert not torch.equal(mask, magnitude_mask(weight=w))
 
 
-def test_logits_for_mask_round_trip():
-    w = torch.randn(16, 32)
-    mask = magnitude_mask(weight=w)
-    logits = logits_for_mask(mask)
-    assert logits.shape == (16, 8, 6)
+def test_store_mask_keeps_the_exact_mask_as_uint8_choices():
     cand = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1],
                          [0, 0, 1, 1]], dtype=torch.bool)
-    assert torch.equal(cand[logits.argmax(-1)].reshape(16, 32), mask)
-    # init-scale noise on top cannot change the argmax
-    noisy = logits + 0.05 * torch.randn_like(logits).clamp(-7, 7) / 7 * 7 * 0.01 / 0.05
-    assert torch.equal(cand[noisy.argmax(-1)].reshape(16, 32), mask)
-    with pytest.raises(ValueError, match="not 2:4"):
-        logits_for_mask(torch.ones(4, 8, dtype=torch.bool))
+    with parallel.distributed(1, seed=5):
+        model = tiny_gqa().build(mask_kind="logits")
+        name, layer = sparse_layers(model)[0]
+        mask = magnitude_mask(weight=layer.weight.detach())
+        store_mask(layer, mask)
+        assert layer.mask_kind == "fixed" and "mask_logits" not in layer.state_dict()
+        rows, cols = layer.weight.shape
+        assert layer.mask_choice.dtype == torch.uint8
+        assert tuple(layer.mask_choice.shape) == (rows, cols // 4)
+        assert torch.equal(cand[layer.mask_choice.long()].reshape(rows, cols), mask)
+        assert torch.equal(layer.eval_mask(), mask)
+        x = torch.randn(3, 1, cols, generator=torch.Generator().manual_seed(1))
+        out, _ = layer.eval()(x)
+        torch.testing.assert_close(out, x @ (layer.weight * mask).t(), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="not 2:4"):
+            store_mask(layer, torch.ones_like(mask))
 
 
 def test_bad_inputs():
@@ -221,6 +227,7 @@ def test_prune_model_first_layer_matches_reference(tiny_state):
             h.remove()
         weights = {n: lin.weight.detach().clone() for n, lin in sparse_layers(layer)}
         wanda_masks = prune_model(model, tokens, method="wanda", micro_batch_size=6)
+        model = tiny_gqa().build()  # pruning made its layers fixed-mask ones
         model.load_state_dict(state)
         gpt_masks = prune_model(model, tokens, method="sparsegpt", micro_batch_size=6)
     for name, w in weights.items():

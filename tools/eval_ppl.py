@@ -4,8 +4,9 @@
     torchrun --nproc-per-node TP tools/eval_ppl.py --load CKPT --data wikitext2 --seq-length 4096
 
 PPL = exp(mean token cross entropy) over non-overlapping windows of --seq-length of the text
-tokenized once (megatron/sparse/eval/datasets.py). Sparse layers apply their argmax masks; a
-checkpoint whose meta says ``mask_source: none`` (a plain conversion) is evaluated dense.
+tokenized once (megatron/sparse/eval/datasets.py). Sparse layers apply the checkpoint's masks
+(fixed choices, or the argmax of learned logits); a checkpoint without masks (a plain conversion)
+is evaluated dense.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.sparse.compat import default_device
     from megatron.sparse.eval.datasets import eval_windows
     from megatron.sparse.eval.perplexity import megatron_perplexity
-    from megatron.sparse.layers import set_mask_state
     from megatron.sparse.model import LlamaArgs
 
     meta = ckpt.read_checkpoint_meta(ns.load)
@@ -69,12 +69,11 @@ def main(argv: list[str] | None = None) -> None:
 
         windows = eval_windows(ns.data, load_tokenizer(meta["tokenizer"]),
                                seq_length=ns.seq_length, max_windows=ns.max_windows)
-        model, _ = ckpt.load_model(ns.load, params_dtype=torch.bfloat16 if ns.bf16
-                                   else torch.float32, device=default_device())
+        dense = ns.dense or not ckpt.has_masks(meta)
+        model, _ = ckpt.load_model(ns.load, mask_kind="dense" if dense else "fixed",
+                                   params_dtype=torch.bfloat16 if ns.bf16 else torch.float32,
+                                   device=default_device())
         source = meta.get("mask_source") or "none"
-        dense = ns.dense or source == "none"
-        if dense:
-            set_mask_state(model, enabled=False)
         result = megatron_perplexity(model, windows, micro_batch_size=ns.micro_batch_size)
         if ns.json:
             parallel.print_rank0(json.dumps(result.to_dict()))

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Load a packed 2:4 mask file (ours or a published MaskLLM one) into a checkpoint.
 
---as-fixed: the masks become the checkpoint's eval masks exactly. --as-prior: the logits start
-from them with --prior-strength (mask transfer); train from the result with tools/train_mask.py.
-Runs at any TP (torchrun --nproc-per-node TP).
+--as-fixed: the masks become the checkpoint's eval masks exactly. --as-prior: the same compact
+fixed masks, marked as a prior with --prior-strength (mask transfer): tools/train_mask.py --load
+on the result starts its logits from them. Runs at any TP (torchrun --nproc-per-node TP).
 
     python tools/import_masks.py --load ckpts/dense --mask-file masks.npz --save ckpts/fixed --as-fixed
 """
@@ -33,7 +33,7 @@ def main() -> None:
     mode.add_argument("--as-prior", action="store_true", help="initialise learnable logits")
     p.add_argument("--prior-strength", type=float, default=3.0,
                    help="with --as-prior: logits shift in units of their std")
-    p.add_argument("--seed", type=int, default=1234, help="with --as-prior: logits init seed")
+    p.add_argument("--seed", type=int, default=1234, help="with --as-prior: seed of the logits init the trainer starts from")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint in --save")
     ns = p.parse_args()
     parallel.initialize(int(os.environ.get("WORLD_SIZE", 1)), seed=ns.seed)

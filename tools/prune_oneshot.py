@@ -5,9 +5,10 @@
         --calib-data PREFIX|embedded --calib-samples 128 --seq-length 4096 --save OUT
 
 Layers are pruned one after another on calibration activations that went through the already
-pruned layers; each TP rank prunes its own shard. The masks are stored as mask logits (argmax =
-mask), so eval applies them as is and tools/train_mask.py uses them as its prior; with
---update-weight (SparseGPT only) the compensated weights are saved too.
+pruned layers; each TP rank prunes its own shard. The masks are stored as fixed 2:4 choices (one
+uint8 per group of 4 weights, ``mask_storage: fixed``), so eval and export apply them as is and
+tools/train_mask.py uses them as its prior; with --update-weight (SparseGPT only) the compensated
+weights are saved too.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def main(argv: list[str] | None = None) -> None:
                              f"max_position_embeddings ({args.max_position_embeddings})")
         from megatron.sparse.compat import default_device
 
-        model, _ = ckpt.load_model(ns.load, params_dtype=torch.bfloat16 if ns.bf16
-                                   else torch.float32, device=default_device())
+        model, _ = ckpt.load_model(ns.load, mask_kind="fixed", with_masks=False,
+                                   params_dtype=torch.bfloat16 if ns.bf16 else torch.float32,
+                                   device=default_device())
         parallel.print_rank0(f"pruning {ns.load} with {ns.method}"
                              f"{' + weight update' if ns.update_weight else ''} at TP={tp}"
                              + ("" if windows is None else

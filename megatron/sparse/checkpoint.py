@@ -6,6 +6,12 @@ Layout of a checkpoint directory::
     latest_checkpointed_iteration.txt    e.g. "200"
     iter_0000200/                        dist_checkpointing (torch_dist) shards of the model
 
+``model_args.json`` holds ``format_version`` (2) and ``mask_storage``: ``"dense"`` (no mask
+tensors: converted checkpoints), ``"fixed"`` (a uint8 ``mask_choice`` per sparse linear: one-shot
+and imported masks) or ``"logits"`` (fp32 ``mask_logits``: mask-learning runs). Format 1 (no
+``format_version``) stored logits in every checkpoint; it still loads: as logits for training,
+as their argmax for evaluation, export and pruning, and as dense when it is a plain conversion.
+
 Writes are atomic: an iteration is written to ``iter_XXXXXXX.tmp-<pid>`` and renamed once every
 rank finished; the ``latest`` file is replaced with ``os.replace``. A crash mid-save leaves the
 previous checkpoint intact.
@@ -23,10 +29,19 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron.sparse import mask as mask_ops
+from megatron.sparse.layers import (
+    MASK_TENSORS,
+    is_mask_key,
+    mask_kind_of,
+    sparse_layers,
+    staged_masks,
+)
 from megatron.sparse.model import LlamaArgs
 
 ARGS_FILE = "model_args.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 2
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -71,6 +86,37 @@ def read_model_args(root: str | Path) -> LlamaArgs:
     return LlamaArgs.from_dict(read_checkpoint_meta(root)["model"])
 
 
+def format_version(meta: dict[str, Any]) -> int:
+    """The checkpoint format of a ``model_args.json`` (1 when it predates the field)."""
+    version = int(meta.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format_version {version} is newer than this megatron-sparse "
+                         f"reads ({FORMAT_VERSION}); update megatron-sparse")
+    return version
+
+
+def stored_mask_kind(meta: dict[str, Any]) -> str:
+    """The mask tensors a checkpoint holds on disk: "dense", "fixed" or "logits"."""
+    if format_version(meta) == 1:
+        return "logits"
+    return meta.get("mask_storage", "dense")
+
+
+def has_masks(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds meaningful masks (pruned, imported or learned)."""
+    return meta.get("mask_source", "none") not in ("none", None) and \
+        stored_mask_kind(meta) != "dense"
+
+
+def inference_mask_kind(meta: dict[str, Any]) -> str:
+    """The mask kind eval, export and pruning build for a checkpoint: "dense" or "fixed".
+
+    Learned logits (and format-1 logits) become their argmax; a conversion (``mask_source``
+    none, whose format-1 logits were untrained zeros) is dense.
+    """
+    return "fixed" if has_masks(meta) else "dense"
+
+
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two ``model_args.json`` model entries describe the same model (``extra`` aside)."""
     return a | {"extra": {}} == b | {"extra": {}}
@@ -102,15 +148,17 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, *, iteration: int,
                     write_extra: Callable[[Path], None] | None = None) -> Path:
     """Save ``model`` (and optional extra sharded state) as iteration ``iteration`` of ``root``.
 
-    All ranks must call this. ``args``/``meta`` (re)write ``model_args.json``. ``write_extra(dir)``
-    runs on every rank to add files (optimizer, RNG) to the iteration before it is published.
+    All ranks must call this. ``args``/``meta`` (re)write ``model_args.json``, with
+    ``format_version`` and the model's ``mask_storage``. ``write_extra(dir)`` runs on every rank
+    to add files (optimizer, RNG) to the iteration before it is published.
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
     if _is_rank0():
         root.mkdir(parents=True, exist_ok=True)
     if args is not None:
-        write_model_args(root, args, meta)
+        write_model_args(root, args, {**(meta or {}), "format_version": FORMAT_VERSION,
+                                      "mask_storage": mask_kind_of(model)})
     tmp_name = [f"{final.name}.tmp-{os.getpid()}"]
     if dist.is_initialized():
         dist.broadcast_object_list(tmp_name, src=0)
@@ -154,14 +202,18 @@ def resolve_iteration(root: str | Path, iteration: int | None = None) -> Path:
 
 
 def load_into(root: str | Path, model: torch.nn.Module, *, iteration: int | None = None,
-              extra_sharded: dict | None = None, strict: bool = True) -> dict:
+              extra_sharded: dict | None = None, strict: bool = True,
+              masks: bool = True) -> dict:
     """Load a checkpoint into an already built model at the current TP size.
 
-    Returns the loaded extra state (keys of ``extra_sharded``). Mask logits absent from an older
-    checkpoint are an error unless ``strict=False`` (then they keep their init values).
+    Returns the loaded extra state (keys of ``extra_sharded``). Tensors absent from the checkpoint
+    are an error unless ``strict=False`` (then they keep their init values). ``masks=False``
+    loads everything but the sparse layers' mask tensors (see :func:`load_masks`).
     """
     path = resolve_iteration(root, iteration)
     state = model_sharded_state_dict(model)
+    if not masks:
+        state = {k: v for k, v in state.items() if not is_mask_key(k)}
     if not strict:
         saved = set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
         state = {k: v for k, v in state.items() if getattr(v, "key", k) in saved}
@@ -169,25 +221,82 @@ def load_into(root: str | Path, model: torch.nn.Module, *, iteration: int | None
         state.update(extra_sharded)
     loaded = dist_checkpointing.load(state, str(path))
     model_state = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
-    model.load_state_dict(model_state, strict=strict)
+    result = model.load_state_dict(model_state, strict=strict and masks)
+    missing = [k for k in result.missing_keys if not is_mask_key(k)]
+    if strict and not masks and (missing or result.unexpected_keys):
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
+                           f"unexpected {result.unexpected_keys}")
     return {k: v for k, v in loaded.items() if not k.startswith("model.")}
 
 
 def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool = True,
+               mask_kind: str | None = None, with_masks: bool = True,
                params_dtype: torch.dtype = torch.float32, device=None):
     """Build the model a checkpoint describes at the current TP size and load its weights.
 
+    ``mask_kind`` defaults to :func:`inference_mask_kind` (fixed masks, or dense for a
+    conversion); ``with_masks=False`` leaves the masks at their init (pruning replaces them).
     Returns ``(model, args)``.
     """
-    args = read_model_args(root)
-    model = args.build(sparse=sparse, params_dtype=params_dtype, device=device)
-    load_into(root, model, iteration=iteration)
+    meta = read_checkpoint_meta(root)
+    args = LlamaArgs.from_dict(meta["model"])
+    kind = mask_kind or inference_mask_kind(meta)
+    model = args.build(sparse=sparse, mask_kind=kind, params_dtype=params_dtype, device=device)
+    load_into(root, model, iteration=iteration, masks=False)
+    if with_masks:
+        load_masks(root, model, iteration=iteration)
     return model, args
 
 
-def load_mask_logits(root: str | Path, model: torch.nn.Module, *,
-                     iteration: int | None = None) -> None:
-    """Load only the mask logits of a checkpoint into ``model`` (weights untouched)."""
+def _read_staged(path: Path, model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``kind`` mask tensors of every sparse layer (local TP shards)."""
+    suffix = "." + MASK_TENSORS[kind]
+    with staged_masks(model, kind) as staged:
+        state = {k: v for k, v in model_sharded_state_dict(model).items() if k.endswith(suffix)}
+        loaded = dist_checkpointing.load(state, str(path))
+    return {name: loaded[f"model.{name}{suffix}"] for name in staged}
+
+
+def load_mask_choices(root: str | Path, model: torch.nn.Module, *,
+                      iteration: int | None = None) -> dict[str, torch.Tensor]:
+    """``{layer name: uint8 [rows, in/4] local candidate choices}`` of a checkpoint's masks.
+
+    Fixed masks are read as they are; logits (format 2 runs or any format-1 checkpoint) are
+    reduced to their argmax. The model's own masks are untouched.
+    """
+    meta = read_checkpoint_meta(root)
+    stored = stored_mask_kind(meta)
+    if stored == "dense":
+        raise ValueError(f"{root} holds no masks (mask_storage 'dense', a conversion); prune it "
+                         f"(tools/prune_oneshot.py) or import masks (tools/import_masks.py)")
+    path = resolve_iteration(root, iteration)
+    if stored == "fixed":
+        return _read_staged(path, model, "fixed")
+    logits = _read_staged(path, model, "logits")
+    return {name: mask_ops.argmax_candidates(logits.pop(name)).to(torch.uint8)
+            for name in list(logits)}
+
+
+@torch.no_grad()
+def load_masks(root: str | Path, model: torch.nn.Module, *,
+               iteration: int | None = None) -> None:
+    """Load a checkpoint's masks into ``model``'s sparse layers (weights untouched).
+
+    A fixed-mask model takes fixed choices or the argmax of stored logits; a logits model
+    (the trainer's resume) needs stored logits; a dense model has nothing to load.
+    """
+    kind = mask_kind_of(model)
+    if kind == "dense":
+        return
+    if kind == "fixed":
+        choices = load_mask_choices(root, model, iteration=iteration)
+        for name, layer in sparse_layers(model):
+            layer.set_mask_choice(choices[name])
+        return
+    stored = stored_mask_kind(read_checkpoint_meta(root))
+    if stored != "logits":
+        raise ValueError(f"{root} stores {stored} masks, not mask logits; start a run from it "
+                         f"as --load or --prior instead of resuming it")
     path = resolve_iteration(root, iteration)
     state = {k: v for k, v in model_sharded_state_dict(model).items()
              if k.endswith(".mask_logits")}

@@ -158,6 +158,11 @@ def hard_mask(logits: torch.Tensor) -> torch.Tensor:
     return candidate_matrix(torch.bool, logits.device)[argmax_candidates(logits)]
 
 
+def candidates_to_mask(choice: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[rows, 4 g]`` mask of per-group candidate indices ``[rows, g]`` (0..5)."""
+    return groups_to_weight(candidate_matrix(torch.bool, choice.device)[choice.long()])
+
+
 def candidate_overlap(mask_groups: torch.Tensor) -> torch.Tensor:
     """``[rows, g, 6]``: how many kept positions each candidate shares with a boolean 2:4 mask."""
     return mask_groups.float() @ candidate_matrix(torch.float32, mask_groups.device).t()

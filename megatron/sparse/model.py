@@ -1,7 +1,8 @@
 """LLaMA-family GPTModel on megatron-core with sparse (2:4 masked) linear layers.
 
 :class:`LlamaArgs` holds the Hugging Face ``LlamaConfig`` fields we need; :func:`llama_layer_spec`
-injects the linear classes (sparse by default, megatron's dense ones for a baseline); and
+injects the linear classes (sparse by default, megatron's dense ones for a baseline) and the
+sparse layers' mask kind (dense, fixed or logits; see :mod:`megatron.sparse.layers`); and
 ``LlamaArgs.build()`` returns the ``GPTModel`` for the current tensor-parallel group.
 """
 
@@ -26,6 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.sparse.layers import (
     SparseColumnParallelLinear,
     SparseRowParallelLinear,
+    check_mask_kind,
     sparse_layers,
 )
 from megatron.sparse.mlp import SparseMLP
@@ -167,14 +169,21 @@ class LlamaArgs:
             init_method_std=0.02,
         )
 
-    def build(self, *, sparse: bool = True, params_dtype: torch.dtype = torch.float32,
+    def build(self, *, sparse: bool = True, mask_kind: str = "logits",
+              params_dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> GPTModel:
-        """Build the GPTModel for the current TP group (``sparse=False``: dense baseline)."""
+        """Build the GPTModel for the current TP group (``sparse=False``: dense baseline).
+
+        ``mask_kind`` is the sparse layers' mask: ``"logits"`` (learnable, the trainer's),
+        ``"fixed"`` (one-shot or imported 2:4 choices) or ``"dense"`` (no mask tensor).
+        :func:`megatron.sparse.checkpoint.load_model` picks it from the checkpoint.
+        """
+        check_mask_kind(mask_kind)
         tp_size = (parallel_state.get_tensor_model_parallel_world_size()
                    if parallel_state.model_parallel_is_initialized() else 1)
         self.validate(tp_size)
         config = self.transformer_config(tp_size=tp_size, params_dtype=params_dtype)
-        spec = llama_layer_spec() if sparse else llama_layer_spec(
+        spec = llama_layer_spec(mask_kind=mask_kind) if sparse else llama_layer_spec(
             column_linear=ColumnParallelLinear, row_linear=RowParallelLinear, mlp=MLP)
         # megatron logs "Unknown MLP type" for any MLP subclass; SparseMLP resolves its TP group
         # from parallel_state exactly like MLP does, so the message is noise here.
@@ -220,12 +229,17 @@ def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> t
 
 def llama_layer_spec(*, column_linear: type = SparseColumnParallelLinear,
                      row_linear: type = SparseRowParallelLinear,
-                     mlp: type = SparseMLP) -> ModuleSpec:
+                     mlp: type = SparseMLP, mask_kind: str | None = None) -> ModuleSpec:
     """LLaMA decoder-layer spec (local backend, RMSNorm) with the given linear and MLP classes.
+
+    ``mask_kind`` (sparse linears only) is passed to every linear's constructor through the spec.
 
     On a machine with transformer-engine the norms and core attention come from TE
     (:func:`megatron.sparse.te_spec.te_llama_layer_spec`); the linears are always these.
     """
+    if mask_kind is not None:
+        column_linear = ModuleSpec(module=column_linear, params={"mask_kind": mask_kind})
+        row_linear = ModuleSpec(module=row_linear, params={"mask_kind": mask_kind})
     spec = _base_spec()
     attn = spec.submodules.self_attention.submodules
     attn.linear_qkv = column_linear

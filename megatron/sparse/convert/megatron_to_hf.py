@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.sparse.layers import is_mask_key
 from megatron.sparse.model import LlamaArgs
 
 
@@ -50,10 +51,10 @@ _DIRECT = {
 
 
 def megatron_to_hf(state: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
-    """Convert a megatron state dict (mask logits and ``_extra_state`` are ignored)."""
+    """Convert a megatron state dict (mask tensors and ``_extra_state`` are ignored)."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor) or key.endswith(".mask_logits"):
+        if not isinstance(tensor, torch.Tensor) or is_mask_key(key):
             continue
         if key in _DIRECT:
             out[_DIRECT[key]] = tensor

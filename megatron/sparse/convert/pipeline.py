@@ -12,7 +12,6 @@ from megatron.sparse import checkpoint as ckpt
 from megatron.sparse.convert.hf_to_megatron import hf_to_megatron
 from megatron.sparse.convert.megatron_to_hf import megatron_to_hf
 from megatron.sparse.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint, save_tokenizer
-from megatron.sparse.layers import sparse_layers
 from megatron.sparse.model import LlamaArgs
 
 
@@ -44,7 +43,7 @@ def convert_hf_to_megatron(hf: str, out: str | Path, *, tp: int, overwrite: bool
                            log=print) -> LlamaArgs:
     """HF checkpoint -> megatron-sparse checkpoint (run in a 1-rank process group).
 
-    The torch_dist checkpoint is TP-agnostic: it loads at any TP size that divides the model;
+    The sparse layers carry no mask (``mask_storage: dense``). The torch_dist checkpoint is TP-agnostic: it loads at any TP size that divides the model;
     ``tp`` is validated up front and recorded as the intended size.
     """
     out = Path(out)
@@ -55,15 +54,11 @@ def convert_hf_to_megatron(hf: str, out: str | Path, *, tp: int, overwrite: bool
     args.validate(tp)
     state = hf_to_megatron(source.state, args)
     log(f"building the megatron model ({args.num_layers} layers, hidden {args.hidden_size})")
-    model = args.build(params_dtype=_params_dtype(source.state))
+    model = args.build(mask_kind="dense", params_dtype=_params_dtype(source.state))
     result = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.missing_keys
-                  if not (k.endswith(".mask_logits") or k.endswith("_extra_state"))]
+    unexpected = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if unexpected or result.unexpected_keys:
         raise ValueError(f"conversion left tensors unmatched: {unexpected + result.unexpected_keys}")
-    with torch.no_grad():
-        for _, layer in sparse_layers(model):
-            layer.mask_logits.zero_()  # untrained: uniform over the 6 candidates
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -93,7 +88,7 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path, *, overwrite: bool
     out = Path(out)
     check_output_dir(out, overwrite)
     meta = ckpt.read_checkpoint_meta(load)
-    model, args = ckpt.load_model(load, params_dtype=_dtype_of(meta))
+    model, args = ckpt.load_model(load, mask_kind="dense", params_dtype=_dtype_of(meta))
     state = megatron_to_hf(model.state_dict(), args)
     config = meta.get("hf_config") or hf_config_from_args(args)
     save_hf_checkpoint(out, config=config, state=state, tokenizer=meta.get("tokenizer"),

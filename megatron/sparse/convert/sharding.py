@@ -5,7 +5,8 @@ Layouts per TP rank r of n (DESIGN "Model and conversion"):
   qkv stored per KV group ``[q_g; k_g; v_g]`` a row chunk holds whole KV groups;
 - ``linear_fc1``: ``[gate_r; up_r]`` (chunk r of gate rows, then chunk r of up rows);
 - row-parallel (``linear_proj``, ``linear_fc2``): input columns chunk r of n;
-- ``mask_logits`` ``[rows, groups, 6]`` follow their weight (rows, or groups for row-parallel);
+- mask tensors (``mask_logits [rows, groups, 6]``, ``mask_choice [rows, groups]``) follow their
+  weight (rows, or groups for row-parallel);
 - everything else (norms) is replicated.
 """
 
@@ -18,14 +19,18 @@ _FC1 = ".linear_fc1."
 _ROW = (".linear_proj.", ".linear_fc2.")
 
 
+def _sharded_like_weight(key: str) -> bool:
+    return key.endswith(".weight") or key.endswith(".mask_logits") or key.endswith(".mask_choice")
+
+
 def _rule(key: str) -> str:
     if key.endswith("_extra_state"):
         return "skip"
-    if _FC1 in key and (key.endswith(".weight") or key.endswith(".mask_logits")):
+    if _FC1 in key and _sharded_like_weight(key):
         return "fc1"
     if any(p in key or key.startswith(p) for p in _COLUMN) and not key.endswith("layer_norm_weight"):
         return "column"
-    if any(p in key for p in _ROW) and (key.endswith(".weight") or key.endswith(".mask_logits")):
+    if any(p in key for p in _ROW) and _sharded_like_weight(key):
         return "row"
     return "replicated"
 

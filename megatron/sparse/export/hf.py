@@ -17,6 +17,7 @@ from megatron.sparse.export.trim import eval_masks, masked_state_dict
 from megatron.sparse.hf_checkpoint import save_hf_checkpoint
 from megatron.sparse.layers import sparse_layers
 from megatron.sparse.mask import is_two_four
+from megatron.sparse.prune.apply import store_mask
 
 MASK_FILE = "masks.npz"
 
@@ -41,10 +42,11 @@ def export_hf(load: str, out: str | Path, *, mask_file: str | Path | None = None
     out = Path(out)
     check_output_dir(out, overwrite)
     meta = ckpt.read_checkpoint_meta(load)
-    if meta.get("mask_source", "none") in ("none", None):
-        raise ValueError(f"{load} holds no masks (mask_source 'none'); prune it "
+    if not ckpt.has_masks(meta):
+        raise ValueError(f"{load} holds no masks (mask_source {meta.get('mask_source', 'none')!r}, "
+                         f"mask_storage {ckpt.stored_mask_kind(meta)!r}); prune it "
                          f"(tools/prune_oneshot.py) or learn masks (tools/train_mask.py) first")
-    model, args = ckpt.load_model(load, params_dtype=_dtype_of(meta))
+    model, args = ckpt.load_model(load, mask_kind="fixed", params_dtype=_dtype_of(meta))
     masks = eval_masks(model)
     bad = [k for k, m in masks.items() if not is_two_four(m)]
     if bad:
@@ -65,10 +67,11 @@ def export_hf(load: str, out: str | Path, *, mask_file: str | Path | None = None
 @torch.no_grad()
 def import_masks(load: str, mask_file: str, save: str, *, as_prior: bool, strength: float,
                  seed: int = 1234, overwrite: bool = False, log=print) -> None:
-    """Load a packed mask file into a checkpoint at the current TP, as fixed masks or a prior."""
-    from megatron.sparse.prune.apply import logits_for_mask
-    from megatron.sparse.train.loop import init_logits
+    """Load a packed mask file into a checkpoint at the current TP, as fixed masks or a prior.
 
+    Both store the masks as fixed 2:4 choices; a prior is marked ``mask_role: "prior"`` with its
+    ``prior_strength`` and ``prior_seed``, from which tools/train_mask.py creates the logits.
+    """
     if Path(save).resolve() == Path(load).resolve():
         raise ValueError("--save must differ from --load (the source checkpoint stays untouched)")
     if ckpt.latest_iteration(save) is not None and not overwrite:
@@ -78,21 +81,20 @@ def import_masks(load: str, mask_file: str, save: str, *, as_prior: bool, streng
     shapes = expected_mask_shapes(hf_config(meta, args))
     masks = linears_to_megatron({k.removesuffix(".mask"): v
                                  for k, v in load_mask_file(mask_file, shapes).items()}, args)
-    model, _ = ckpt.load_model(load, params_dtype=_dtype_of(meta))
+    model, _ = ckpt.load_model(load, mask_kind="fixed", with_masks=False,
+                               params_dtype=_dtype_of(meta))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    if as_prior:
-        init_logits(model, seed)
     for name, layer in sparse_layers(model):
-        local = shard_tensor(f"{name}.weight", masks[f"{name}.weight"], tp)[rank]
-        if as_prior:
-            layer.set_mask_prior(local, strength)
-        else:
-            layer.mask_logits.copy_(logits_for_mask(local))
-    out_meta = {k: v for k, v in meta.items() if k != "model"}
+        store_mask(layer, shard_tensor(f"{name}.weight", masks.pop(f"{name}.weight"), tp)[rank])
+    out_meta = {k: v for k, v in meta.items()
+                if k not in ("model", "logits_are_init", "mask_role", "prior_strength",
+                             "prior_seed")}
     out_meta["mask_source"] = f"imported-{'prior' if as_prior else 'fixed'}:{Path(mask_file).name}"
-    out_meta["logits_are_init"] = as_prior
+    out_meta["mask_role"] = "prior" if as_prior else "fixed"
+    if as_prior:
+        out_meta.update(prior_strength=float(strength), prior_seed=int(seed))
     ckpt.save_checkpoint(save, model, iteration=0, args=args, meta=out_meta)
-    log(f"imported {len(masks)} masks from {mask_file} as "
+    log(f"imported {len(sparse_layers(model))} masks from {mask_file} as "
         f"{'a prior (strength ' + str(strength) + ')' if as_prior else 'fixed masks'}; "
         f"saved {save}")

@@ -1,4 +1,4 @@
-"""Trim: argmax masks out of the logits, applied to the weights, in the TP=1 megatron layout.
+"""Trim: the sparse layers' masks (fixed, or argmax of logits) applied to the weights, at TP=1.
 
 Export runs on one process: ``checkpoint.load_model`` reshards a checkpoint of any TP size to
 TP=1, so "merging TP shards" is the checkpoint loader's job and this module only trims.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from megatron.sparse.layers import sparse_layers
+from megatron.sparse.layers import is_mask_key, sparse_layers
 
 
 def _check_tp1() -> None:
@@ -30,13 +30,13 @@ def masked_state_dict(model: torch.nn.Module,
                       masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's TP=1 state dict with every sparse weight multiplied by its mask.
 
-    Mask logits and ``_extra_state`` entries are dropped: the result is a dense-layout state dict
+    Mask tensors and ``_extra_state`` entries are dropped: the result is a dense-layout state dict
     whose sparse weights are exactly 2:4.
     """
     _check_tp1()
     out = {}
     for key, value in model.state_dict().items():
-        if key.endswith("_extra_state") or key.endswith(".mask_logits"):
+        if key.endswith("_extra_state") or is_mask_key(key):
             continue
         if key in masks:
             value = value * masks[key].to(value.dtype)

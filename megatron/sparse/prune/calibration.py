@@ -143,7 +143,7 @@ def prune_model(model: torch.nn.Module, tokens: torch.Tensor, *, method: str,
                 log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """2:4-prune every sparse linear of a GPTModel, layer by layer, on ``[n, L]`` tokens.
 
-    Masks go into the layers' ``mask_logits`` (see :mod:`megatron.sparse.prune.apply`); with
+    Masks become the layers' fixed 2:4 choices (see :mod:`megatron.sparse.prune.apply`); with
     ``update_weight`` (SparseGPT) the compensated weights replace the layer weights. Masking is
     enabled on return. Returns ``{layer name: local boolean mask}``.
     """

@@ -73,19 +73,19 @@ def init_logits(model: torch.nn.Module, seed: int) -> None:
 
 
 def apply_prior(model: torch.nn.Module, prior_dir: str, args: LlamaArgs, strength: float) -> None:
-    """Shift the logits toward the eval masks stored in a one-shot checkpoint."""
+    """Shift the logits toward the masks stored in a one-shot, imported or trained checkpoint.
+
+    Fixed masks are used as they are, stored logits through their argmax.
+    """
     prior_args = ckpt.read_model_args(prior_dir)
     if not ckpt.same_model(prior_args.to_dict(), args.to_dict()):
         raise ValueError(f"--prior {prior_dir} is a checkpoint of another model (hidden "
                          f"{prior_args.hidden_size}, {prior_args.num_layers} layers vs hidden "
                          f"{args.hidden_size}, {args.num_layers} layers); use a prior of this model")
-    kept = {name: layer.mask_logits.detach().clone() for name, layer in sparse_layers(model)}
-    ckpt.load_mask_logits(prior_dir, model)
+    choices = ckpt.load_mask_choices(prior_dir, model)
     with torch.no_grad():
         for name, layer in sparse_layers(model):
-            prior_mask = layer.eval_mask().clone()
-            layer.mask_logits.copy_(kept[name])
-            layer.set_mask_prior(prior_mask, strength)
+            layer.set_mask_prior(mask_ops.candidates_to_mask(choices.pop(name)), strength)
 
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -122,9 +122,9 @@ class MaskTrainer:
         source = resume_root or cfg.load
         self.meta = ckpt.read_checkpoint_meta(source)
         self.args = LlamaArgs.from_dict(self.meta["model"])
-        self.model = self.args.build()
+        self.model = self.args.build(mask_kind="logits")
         print_rank0(f"loading {source} at TP={self.tp} x DP={self.dp}")
-        ckpt.load_into(source, self.model)
+        ckpt.load_into(source, self.model, masks=False)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.logits = [layer.mask_logits for _, layer in sparse_layers(self.model)]
@@ -138,6 +138,7 @@ class MaskTrainer:
         if resume_root:
             directory = ckpt.resolve_iteration(resume_root)
             state = read_train_state(directory)
+            ckpt.load_masks(resume_root, self.model)
             restore_train_state(directory, state, self.optimizer)
             self.step = state["step"]
             print_rank0(f"resumed from {directory} at step {self.step}")
@@ -178,16 +179,26 @@ class MaskTrainer:
                        global_batch_size=self.cfg.global_batch_size, data_prefix=self.cfg.data)
 
     def _fresh_logits(self) -> None:
-        if self.meta.get("logits_are_init") and self.cfg.prior is None:
-            print_rank0(f"prior: the logits stored in {self.cfg.load} (an imported prior)")
+        """Logits at the start of a run: N(0, 0.01) shifted toward the prior's masks, if any.
+
+        The prior is ``--prior``, else the masks of ``--load``. An imported prior (``mask_role``
+        "prior", tools/import_masks.py --as-prior) brings its own strength and init seed.
+        """
+        cfg, meta = self.cfg, self.meta
+        if meta.get("logits_are_init") and cfg.prior is None:  # format 1: baked prior logits
+            ckpt.load_masks(cfg.load, self.model)
+            print_rank0(f"prior: the logits stored in {cfg.load} (an imported prior)")
             return
-        init_logits(self.model, self.cfg.seed)
-        prior = self.cfg.prior
-        if prior is None and self.meta.get("mask_source", "none") not in ("none", None):
-            prior = self.cfg.load
+        prior, strength, seed = cfg.prior, cfg.prior_strength, cfg.seed
+        if prior is None and ckpt.has_masks(meta):
+            prior = cfg.load
+            if meta.get("mask_role") == "prior":
+                strength = float(meta.get("prior_strength", strength))
+                seed = int(meta.get("prior_seed", seed))
+        init_logits(self.model, seed)
         if prior is not None:
-            print_rank0(f"prior: masks of {prior} at strength {self.cfg.prior_strength}")
-            apply_prior(self.model, prior, self.args, self.cfg.prior_strength)
+            print_rank0(f"prior: masks of {prior} at strength {strength}")
+            apply_prior(self.model, prior, self.args, strength)
         else:
             print_rank0("prior: none (logits start from N(0, 0.01))")
 
@@ -256,7 +267,9 @@ class MaskTrainer:
     def save(self, step: int) -> None:
         if not self.cfg.save:
             return
-        meta = {k: v for k, v in self.meta.items() if k not in ("model", "logits_are_init")}
+        meta = {k: v for k, v in self.meta.items()
+                if k not in ("model", "logits_are_init", "mask_role", "prior_strength",
+                             "prior_seed")}
         meta.update(mask_source="maskllm", run=self._run_tag(),
                     base_checkpoint=self.meta.get("base_checkpoint", self.cfg.load))
         ckpt.save_checkpoint(
