@@ -239,6 +239,7 @@ def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool =
     Returns ``(model, args)``.
     """
     meta = read_checkpoint_meta(root)
+    format_version(meta)  # a newer format is a one-line error before anything is built
     args = LlamaArgs.from_dict(meta["model"])
     kind = mask_kind or inference_mask_kind(meta)
     model = args.build(sparse=sparse, mask_kind=kind, params_dtype=params_dtype, device=device)
