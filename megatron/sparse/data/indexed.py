@@ -11,6 +11,11 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from megatron.sparse.data.validate import CorruptDataError, check_indexed
+
+__all__ = ["CorruptDataError", "open_indexed", "read_token_windows", "token_dtype",
+           "write_indexed"]
+
 
 def token_dtype(vocab_size: int):
     """uint16 when every id fits, else int32 (what megatron's GPTDataset expects)."""
@@ -50,6 +55,13 @@ def write_indexed(prefix: str, documents: Iterable[str], *, encode: Callable[[st
     return {"documents": docs, "tokens": tokens}
 
 
+def open_indexed(prefix: str) -> IndexedDataset:
+    """megatron-core's ``IndexedDataset`` of ``prefix`` after :func:`check_indexed` accepted it
+    (a missing or damaged file is a one-line error, never megatron-core's traceback)."""
+    check_indexed(prefix)
+    return IndexedDataset(prefix)
+
+
 def read_token_windows(prefix: str, seq_length: int, num_windows: int | None = None,
                        offset: int = 0) -> torch.LongTensor:
     """``[n, seq_length]`` non-overlapping windows of the concatenated documents of a corpus.
@@ -57,11 +69,7 @@ def read_token_windows(prefix: str, seq_length: int, num_windows: int | None = N
     Starts ``offset`` windows in; ``num_windows=None`` takes all complete windows. Asking for more
     windows than the data holds is a one-line error.
     """
-    for suffix in (".bin", ".idx"):
-        if not Path(prefix + suffix).is_file():
-            raise FileNotFoundError(f"{prefix}{suffix} not found; create it with "
-                                    f"tools/preprocess_data.py --out {prefix}")
-    dataset = IndexedDataset(prefix)
+    dataset = open_indexed(prefix)
     stream = np.concatenate([np.asarray(dataset[i], dtype=np.int64)
                              for i in range(len(dataset))])
     del dataset

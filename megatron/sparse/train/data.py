@@ -9,12 +9,12 @@ position exactly, whatever happened before.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron.sparse.data.validate import check_indexed
 
 
 class _TokenIds:
@@ -30,19 +30,9 @@ class _TokenIds:
         self.unique_identifiers = {"class": "megatron-sparse-token-ids", "vocab_size": vocab_size}
 
 
-def check_prefix(prefix: str) -> None:
-    """One-line error unless ``prefix.bin`` and ``prefix.idx`` exist."""
-    missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"tokenised data {prefix}{'/'.join(missing)} not found; create it "
-                                f"with tools/preprocess_data.py --out {prefix}")
-
-
 def count_tokens(prefix: str) -> int:
-    """Total tokens in a ``.bin/.idx`` corpus."""
-    check_prefix(prefix)
-    dataset = IndexedDataset(prefix)  # keep it alive: sequence_lengths is a view of its mmap
-    return int(dataset.sequence_lengths.sum())
+    """Total tokens in a ``.bin/.idx`` corpus, after validating it (one-line error if damaged)."""
+    return check_indexed(prefix).tokens
 
 
 class TrainBatches:
