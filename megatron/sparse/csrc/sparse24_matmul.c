@@ -130,12 +130,22 @@ static inline __attribute__((always_inline)) void row_block(const void *values, 
             for (int64_t r = r0; r < p->rows; ++r)
                 block(values, bf16, meta, x, y, bias, p, r, b0, 1, BATCH_TILE);
     }
-    for (; b0 < p->batch; ++b0) {
-        if (full)
-            block(values, bf16, meta, x, y, bias, p, r0, b0, ROWS_PER_BLOCK, 1);
-        else
-            for (int64_t r = r0; r < p->rows; ++r)
-                block(values, bf16, meta, x, y, bias, p, r, b0, 1, 1);
+    /* the last partial tile in one pass: each loaded weight still serves all its batch rows */
+    switch (p->batch - b0) {
+#define S24_TAIL(nb)                                                                            \
+    case nb:                                                                                   \
+        if (full)                                                                              \
+            block(values, bf16, meta, x, y, bias, p, r0, b0, ROWS_PER_BLOCK, nb);              \
+        else                                                                                   \
+            for (int64_t r = r0; r < p->rows; ++r)                                             \
+                block(values, bf16, meta, x, y, bias, p, r, b0, 1, nb);                        \
+        break;
+        S24_TAIL(1)
+        S24_TAIL(2)
+        S24_TAIL(3)
+#undef S24_TAIL
+    default:
+        break;
     }
 }
 #else
@@ -151,6 +161,116 @@ static inline __attribute__((always_inline)) void row_block(const void *values, 
                                           half) + (bias ? bias[r] : 0.f);
     }
 }
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* bf16 weights x bf16 activations: a 32-value chunk (64 input columns, 8 meta bytes) gathers its
+ * activations with one vpermt2w and multiplies-adds pairs with one vdpbf16ps, whose float32 lane g
+ * sums the two products of group g (products of bf16 numbers are exact in float32). */
+static const uint16_t DP_SELECT[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+static const uint16_t DP_SHIFT[32] = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14,
+                                      0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+static const uint16_t DP_BASE[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
+                                     20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+                                     44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+
+static inline float dot_tail_bf16x(const uint16_t *values, const uint8_t *meta, const uint16_t *x,
+                                   int64_t start, int64_t stop) {
+    float acc = 0.f;
+    for (int64_t v = start; v < stop; ++v)
+        acc += bf16_to_float(values[v]) * bf16_to_float(x[4 * (v >> 1) + position(meta, v)]);
+    return acc;
+}
+
+static inline __attribute__((always_inline)) void block_dp(
+    const uint16_t *values, const uint8_t *meta, const uint16_t *x, float *y, const float *bias,
+    const s24_params *p, int64_t r0, int64_t b0, const int nr, const int nb) {
+    const int64_t half = p->in / 2, mstride = (p->in / 4 + 1) / 2, chunks = p->in / 64;
+    const __m512i select = _mm512_loadu_si512(DP_SELECT), shifts = _mm512_loadu_si512(DP_SHIFT),
+                  base = _mm512_loadu_si512(DP_BASE), three = _mm512_set1_epi16(3);
+    __m512 acc[ROWS_PER_BLOCK][BATCH_TILE];
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < nb; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+        __m512i idx[ROWS_PER_BLOCK], w[ROWS_PER_BLOCK];
+#pragma GCC unroll 4
+        for (int i = 0; i < nr; ++i) {
+            int64_t bits;
+            memcpy(&bits, meta + (r0 + i) * mstride + 8 * c, 8);
+            __m512i words = _mm512_permutexvar_epi16(select, _mm512_set1_epi64(bits));
+            idx[i] = _mm512_ternarylogic_epi32(base, _mm512_srlv_epi16(words, shifts), three,
+                                               0xF8);
+            w[i] = _mm512_loadu_si512(values + (r0 + i) * half + 32 * c);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < nb; ++j) {
+            const uint16_t *xr = x + (b0 + j) * p->in + 64 * c;
+            __m512i lo = _mm512_loadu_si512(xr), hi = _mm512_loadu_si512(xr + 32);
+#pragma GCC unroll 4
+            for (int i = 0; i < nr; ++i)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w[i],
+                                             (__m512bh)_mm512_permutex2var_epi16(lo, idx[i], hi));
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < nr; ++i) {
+        const int64_t r = r0 + i;
+#pragma GCC unroll 4
+        for (int j = 0; j < nb; ++j) {
+            float s = _mm512_reduce_add_ps(acc[i][j]) +
+                      dot_tail_bf16x(values + r * half, meta + r * mstride, x + (b0 + j) * p->in,
+                                     32 * chunks, half);
+            y[(b0 + j) * p->rows + r] = s + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void row_block_dp(
+    const uint16_t *values, const uint8_t *meta, const uint16_t *x, float *y, const float *bias,
+    const s24_params *p, int64_t r0) {
+    const int full = r0 + ROWS_PER_BLOCK <= p->rows;
+    int64_t b0 = 0;
+#define S24_DP(nb)                                                                              \
+    if (full)                                                                                  \
+        block_dp(values, meta, x, y, bias, p, r0, b0, ROWS_PER_BLOCK, nb);                     \
+    else                                                                                       \
+        for (int64_t r = r0; r < p->rows; ++r) block_dp(values, meta, x, y, bias, p, r, b0, 1, nb);
+    for (; b0 + BATCH_TILE <= p->batch; b0 += BATCH_TILE) {
+        S24_DP(BATCH_TILE)
+    }
+    switch (p->batch - b0) {
+    case 1:
+        S24_DP(1) break;
+    case 2:
+        S24_DP(2) break;
+    case 3:
+        S24_DP(3) break;
+    default:
+        break;
+    }
+#undef S24_DP
+}
+
+/* x bf16 [batch][in]; only built where the CPU has AVX512_BF16 (s24_has_bf16_dot() says). */
+void s24_matmul_bf16x(const uint16_t *values, const uint8_t *meta, const uint16_t *x, float *y,
+                      const float *bias, const s24_params *p) {
+    const int64_t blocks = (p->rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+#pragma omp parallel for num_threads(p->threads) schedule(static)
+    for (int64_t k = 0; k < blocks; ++k)
+        row_block_dp(values, meta, x, y, bias, p, k * ROWS_PER_BLOCK);
+}
+
+int s24_has_bf16_dot(void) { return 1; }
+#else
+void s24_matmul_bf16x(const uint16_t *values, const uint8_t *meta, const uint16_t *x, float *y,
+                      const float *bias, const s24_params *p) {
+    (void)values, (void)meta, (void)x, (void)y, (void)bias, (void)p;
+}
+
+int s24_has_bf16_dot(void) { return 0; }
 #endif
 
 /* One entry point per weight dtype, so the dtype is a constant inside each parallel region. */
