@@ -26,6 +26,23 @@ class Generation:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
 
 
+def _cache_arg() -> str:
+    """transformers >= 5.x names the KV cache ``cache``, earlier versions ``past_key_values``."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+_CACHE_ARG = _cache_arg()
+
+
+def _cache_of(out):
+    return getattr(out, _CACHE_ARG)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -46,10 +63,10 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     tokens = [int(token)]
     _sync(device)
     prefill = time.perf_counter() - start
-    past, start = out.past_key_values, time.perf_counter()
+    past, start = _cache_of(out), time.perf_counter()
     while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=token, use_cache=True, **{_CACHE_ARG: past})
+        past, token = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
     _sync(device)
     return Generation(tokens=tokens, prefill_s=prefill, decode_s=time.perf_counter() - start)
@@ -64,3 +81,25 @@ def timed_forward(model, input_ids: torch.Tensor) -> float:
         model(input_ids=input_ids, use_cache=False)
         _sync(device)
     return time.perf_counter() - start
+
+
+def load_for_inference(spec: str, *, mask_file: str | None = None, sparse_kernels: bool = False,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A HF causal LM (``embedded`` or a directory, e.g. tools/export_hf.py's output) with the
+    optional packed mask file applied: as compressed :class:`SparseLinear24` layers when
+    ``sparse_kernels`` (every 2:4 linear, masked or already sparse), else multiplied into the
+    dense weights. Returns ``(model, swapped module names)``."""
+    from megatron.sparse.eval.hf_perplexity import apply_mask_file, load_hf_model
+    from megatron.sparse.inference.sparsify import sparsify
+
+    model = load_hf_model(spec, dtype=dtype)
+    swapped: list[str] = []
+    with torch.no_grad():
+        if sparse_kernels:
+            swapped = sparsify(model, masks=mask_file)
+            if not swapped:
+                raise ValueError(f"--model {spec}: no 2:4 linear layer found (pass the mask file "
+                                 f"of a dense checkpoint with --mask)")
+        elif mask_file is not None:
+            apply_mask_file(model, mask_file)
+    return model.to(device), swapped
