@@ -53,9 +53,11 @@ def load() -> ctypes.CDLL | None:
 
 
 def supports(packed: Compressed24, x: torch.Tensor) -> bool:
-    """True if the kernel can run this product (CPU, fp32/bf16 weight) and the library loaded."""
+    """True if the kernel can run this product (CPU, fp32/bf16 weight, input of the weight's
+    dtype) and the library loaded."""
     return (packed.values.device.type == "cpu" and x.device.type == "cpu"
-            and packed.values.dtype in DTYPES and load() is not None)
+            and packed.values.dtype in DTYPES and x.dtype == packed.values.dtype
+            and load() is not None)
 
 
 def matmul(packed: Compressed24, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class Generation:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
 
 
+@functools.cache
 def _cache_arg() -> str:
     """transformers >= 5.x names the KV cache ``cache``, earlier versions ``past_key_values``."""
     import dataclasses
@@ -36,11 +38,8 @@ def _cache_arg() -> str:
     return "cache" if "cache" in names else "past_key_values"
 
 
-_CACHE_ARG = _cache_arg()
-
-
 def _cache_of(out):
-    return getattr(out, _CACHE_ARG)
+    return getattr(out, _cache_arg())
 
 
 def _sync(device: torch.device) -> None:
@@ -65,7 +64,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     prefill = time.perf_counter() - start
     past, start = _cache_of(out), time.perf_counter()
     while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
-        out = model(input_ids=token, use_cache=True, **{_CACHE_ARG: past})
+        out = model(input_ids=token, use_cache=True, **{_cache_arg(): past})
         past, token = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
     _sync(device)
