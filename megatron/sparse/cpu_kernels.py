@@ -1,39 +1,25 @@
 """The fused CPU mask kernels (``csrc/mask_kernels.c``): built with the system C compiler on
 first use, cached, and called through ctypes on float32 tensors.
 
-The build takes about a second and is cached like the embedded data (:mod:`megatron.sparse.cache`),
-keyed by the source, the compiler and this CPU's instruction set (the library is built with
-``-march=native``, so a home directory shared by different nodes gets one build per CPU kind).
-Without a working compiler, or with ``MEGATRON_SPARSE_MASK_KERNEL=torch``, :func:`load` returns
-None and callers use the PyTorch implementation of the same formulas.
+The build (:mod:`megatron.sparse.native`) takes about a second and is cached per source, compiler
+and CPU kind. Without a working compiler, or with ``MEGATRON_SPARSE_MASK_KERNEL=torch``,
+:func:`load` returns None and callers use the PyTorch implementation of the same formulas.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
-from megatron.sparse import cache
+from megatron.sparse import native
 
-SOURCE = Path(__file__).with_name("csrc") / "mask_kernels.c"
-LIBRARY = "libmask_kernels.so"
+SOURCE = native.CSRC / "mask_kernels.c"
 ENV_SWITCH = "MEGATRON_SPARSE_MASK_KERNEL"
-# Tried in order; later entries drop what some compilers lack (-march=native, OpenMP).
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-    ["-O3", "-ffast-math", "-fopenmp"],
-    ["-O3", "-ffast-math"],
-)
 
 
 class MaskParams(ctypes.Structure):
@@ -43,36 +29,6 @@ class MaskParams(ctypes.Structure):
                 ("group_offset", ctypes.c_int64), ("total_groups", ctypes.c_int64),
                 ("seed", ctypes.c_uint32), ("a", ctypes.c_float), ("b", ctypes.c_float),
                 ("noise", ctypes.c_int), ("hard", ctypes.c_int), ("threads", ctypes.c_int)]
-
-
-def _cpu_signature() -> str:
-    """The instruction-set flags of this CPU (Linux), else the platform's processor name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compile(compiler: str, out_dir: Path) -> None:
-    """Compile with the first flag set that works (``-ffast-math`` only at compile time: linked
-    into a shared library it would switch the whole process to flush-to-zero)."""
-    errors = []
-    for flags in _FLAG_SETS:
-        obj, lib = out_dir / "mask_kernels.o", out_dir / LIBRARY
-        openmp = [f for f in flags if f == "-fopenmp"]
-        steps = ([compiler, *flags, "-fPIC", "-c", str(SOURCE), "-o", str(obj)],
-                 [compiler, "-shared", *openmp, str(obj), "-o", str(lib), "-lm"])
-        for cmd in steps:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-300:]}")
-                break
-        else:
-            return
-    raise OSError("; ".join(errors))
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -89,21 +45,9 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (PyTorch fallback) with one warning saying why."""
     if os.environ.get(ENV_SWITCH, "auto") == "torch":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        warnings.warn("no C compiler found (set CC): the 2:4 mask runs on the slower PyTorch "
-                      "path", stacklevel=2)
-        return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, repr(_FLAG_SETS),
-                                    platform.machine(), _cpu_signature()]).encode()).hexdigest()
     try:
-        entry = cache.cached_entry("mask-kernel", key[:16], lambda d: _compile(compiler, d))
-        if entry is None:  # cache not writable: build privately for this process
-            entry = Path(tempfile.mkdtemp(prefix="megatron-sparse-kernel-"))
-            _compile(compiler, entry)
-        return _bind(ctypes.CDLL(str(entry / LIBRARY)))
-    except OSError as err:
+        return _bind(native.build_library(SOURCE, cache_name="mask-kernel"))
+    except native.BuildError as err:
         warnings.warn(f"could not build the CPU mask kernel ({err}); the 2:4 mask runs on the "
                       f"slower PyTorch path", stacklevel=2)
         return None
