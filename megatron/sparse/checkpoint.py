@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from megatron.sparse import mask as mask_ops
 from megatron.sparse.layers import (
@@ -217,16 +218,52 @@ def load_into(root: str | Path, model: torch.nn.Module, *, iteration: int | None
     if not strict:
         saved = set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
         state = {k: v for k, v in state.items() if getattr(v, "key", k) in saved}
+    for value in state.values():
+        if isinstance(value, ShardedTensorFactory):
+            _merge_in_place(value)
     if extra_sharded:
         state.update(extra_sharded)
+    # the sharded tensors hold the model's own tensors, which dist_checkpointing fills in place;
+    # only what came back in other storage (none for our layers) is copied in afterwards
     loaded = dist_checkpointing.load(state, str(path))
     model_state = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
-    result = model.load_state_dict(model_state, strict=strict and masks)
-    missing = [k for k in result.missing_keys if not is_mask_key(k)]
-    if strict and not masks and (missing or result.unexpected_keys):
+    own = model.state_dict(keep_vars=True)
+    if not masks:
+        own = {k: v for k, v in own.items() if not is_mask_key(k)}
+    if strict and (own.keys() - model_state.keys() or model_state.keys() - own.keys()):
+        missing = sorted(own.keys() - model_state.keys())
+        unexpected = sorted(model_state.keys() - own.keys())
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
-                           f"unexpected {result.unexpected_keys}")
+                           f"unexpected {unexpected}")
+    # tensors dist_checkpointing filled in place are skipped; the rest are copied in
+    model.load_state_dict({k: v for k, v in model_state.items()
+                           if not _same_storage(v, own.get(k))}, strict=False)
     return {k: v for k, v in loaded.items() if not k.startswith("model.")}
+
+
+def _same_storage(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
+def _merge_in_place(factory: ShardedTensorFactory) -> None:
+    """Let a factory's merge return its own tensor when the loaded parts are chunks of it.
+
+    megatron-core's swiglu factory (linear_fc1) splits the tensor into views for loading and
+    ``cat``s the loaded parts into a new tensor; when dist_checkpointing filled those views in
+    place, that concatenation is a copy of the model tensor, so it is skipped.
+    """
+    merge, data = factory.merge_fn, factory.data
+
+    def merged(parts):
+        if isinstance(parts, (list, tuple)) and parts and isinstance(data, torch.Tensor):
+            for dim in range(data.dim()):
+                chunks = torch.chunk(data, len(parts), dim=dim)
+                if len(chunks) == len(parts) and all(map(_same_storage, chunks, parts)):
+                    return data
+        return merge(parts)
+
+    factory.merge_fn = merged
 
 
 def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool = True,
