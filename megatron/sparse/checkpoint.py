@@ -230,11 +230,13 @@ def load_into(root: str | Path, model: torch.nn.Module, *, iteration: int | None
     own = model.state_dict(keep_vars=True)
     if not masks:
         own = {k: v for k, v in own.items() if not is_mask_key(k)}
-    if strict and (own.keys() - model_state.keys() or model_state.keys() - own.keys()):
-        missing = sorted(own.keys() - model_state.keys())
+    if strict:
+        missing = sorted(k for k in own.keys() - model_state.keys()
+                         if not k.endswith("_extra_state"))
         unexpected = sorted(model_state.keys() - own.keys())
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
     # tensors dist_checkpointing filled in place are skipped; the rest are copied in
     model.load_state_dict({k: v for k, v in model_state.items()
                            if not _same_storage(v, own.get(k))}, strict=False)
