@@ -26,8 +26,9 @@ EVAL_MASK_BYTES_PER_WEIGHT = 1
 ADAMW_STATES = 2
 """AdamW moments (exp_avg, exp_avg_sq) per trainable element, fp32 like the logits."""
 LOSS_FP32_COPIES = 2
-"""fp32 tensors of ``[s, b, vocab / tp]`` in megatron's vocab-parallel cross entropy (the
-logits cast to fp32 and the softmax kept for backward)."""
+"""fp32 tensors of ``[s, b, vocab / tp]`` in megatron's vocab-parallel cross entropy of
+half-precision logits: the fp32 cast and the softmax kept for backward (fp32 logits need no
+cast: one copy fewer)."""
 TOKEN_BYTES = 8
 """int64 token ids (calibration windows)."""
 
