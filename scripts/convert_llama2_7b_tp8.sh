@@ -5,4 +5,5 @@ set -euo pipefail
 source "$(dirname "$0")/_launch.sh"
 HF=${HF:-meta-llama/Llama-2-7b-hf}
 OUT=${OUT:-ckpts/llama2-7b-tp8}
-launch llama2-7b python "$LAUNCH_TOOLS/convert_hf_to_megatron.py" --hf "$HF" --tp 8 --out "$OUT" "$@"
+launch llama2-7b python "$LAUNCH_TOOLS/convert_hf_to_megatron.py" \
+    --hf "$HF" --tp 8 --out "$OUT" "$@"

@@ -5,4 +5,5 @@ set -euo pipefail
 source "$(dirname "$0")/_launch.sh"
 HF=${HF:-meta-llama/Llama-3.1-8B}
 OUT=${OUT:-ckpts/llama3.1-8b-tp8}
-launch llama3.1-8b python "$LAUNCH_TOOLS/convert_hf_to_megatron.py" --hf "$HF" --tp 8 --out "$OUT" "$@"
+launch llama3.1-8b python "$LAUNCH_TOOLS/convert_hf_to_megatron.py" \
+    --hf "$HF" --tp 8 --out "$OUT" "$@"

@@ -141,16 +141,17 @@ def _fused_tensor_elems(args: LlamaArgs) -> int:
 
 
 def _hessian_bytes(args: LlamaArgs, cfg: MemoryConfig) -> int:
-    """fp32 Hessians of one layer's four linears plus SparseGPT's work on the widest."""
-    h, q, i, t = args.hidden_size, args.num_attention_heads * args.kv_channels, \
-        args.intermediate_size, cfg.tp
-    gather = cfg.full_row_hessian and t > 1
-    q_in, i_in = (q, i) if gather or t == 1 else (q // t, i // t)
-    widest = max(h, q_in, i_in)
-    rows = {h: (q + 2 * args.num_key_value_heads * args.kv_channels) // t, q_in: h,
-            i_in: h}[widest]
-    hessians = act.FP32 * (2 * h * h + q_in * q_in + i_in * i_in)
-    work = act.FP32 * (2 * widest * widest + 2 * rows * widest)  # H^-1 factor, fp32 weight copies
+    """fp32 Hessians of one layer's four linears plus SparseGPT's work on the widest input."""
+    h, t = args.hidden_size, cfg.tp
+    q = args.num_attention_heads * args.kv_channels
+    qkv_rows = (q + 2 * args.num_key_value_heads * args.kv_channels) // t
+    gather = cfg.full_row_hessian and t > 1  # row-parallel inputs gathered to full width
+    proj_in, fc2_in = (q, args.intermediate_size) if gather or t == 1 else \
+        (q // t, args.intermediate_size // t)
+    inputs = [(h, qkv_rows), (proj_in, h), (h, 2 * args.intermediate_size // t), (fc2_in, h)]
+    hessians = act.FP32 * sum(cols * cols for cols, _ in inputs)
+    cols, rows = max(inputs)
+    work = act.FP32 * (2 * cols * cols + 2 * rows * cols)  # H^-1 factor, fp32 weight copies
     return hessians + work
 
 
