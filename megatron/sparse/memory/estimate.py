@@ -204,7 +204,10 @@ def estimate(cfg: MemoryConfig) -> MemoryEstimate:
         params, grads = weights + logits, logits
         opt = OPTIMIZER_STATES[cfg.optimizer] * logits
         fused = cfg.cpu and d == act.FP32
-        per_weight = d + (0 if fused else 6 + (14 if cfg.regulariser else 0))
+        per_weight = d  # weight * mask, kept by each linear for its input gradient
+        if not fused:
+            per_weight += fmt.SOFT_MASK_SAVED_BYTES_PER_WEIGHT + (
+                fmt.REGULARISER_SAVED_BYTES_PER_WEIGHT if cfg.regulariser else 0)
         layers = args.num_layers
         if cfg.recompute:
             acts = layers * act.layer_input(args, shape) + act.saved_per_layer(args, shape) \
