@@ -4,18 +4,20 @@
 # logits), SparseGPT prior at strength 3. CKPT, DATA, SAVE (required), PRIOR, EVAL_DATA, NPROC,
 # TP, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment; extra flags are appended.
 set -euo pipefail
-: "${CKPT:?set CKPT to a converted TP=8 checkpoint of ${MODEL_TAG:-the model}}"
-: "${DATA:?set DATA to a tokenised .bin/.idx prefix}"
-: "${SAVE:?set SAVE to the output directory}"
+source "$(dirname "$0")/_launch.sh"
+require CKPT "a converted TP=8 checkpoint of ${MODEL_TAG:-the model}"
+require DATA "a tokenised .bin/.idx prefix"
+require SAVE "the output directory"
 PRIOR=${PRIOR:-}
 NPROC=${NPROC:-8}
 TP=${TP:-8}
 EVAL_DATA=${EVAL_DATA:-}
 # Slurm preemption: torchrun ignores SIGUSR1; the trainer ranks catch it, checkpoint and exit 0.
 trap '' USR1
-exec torchrun --nproc-per-node "$NPROC" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
+launch "${MODEL_TAG:-llama2-7b}" \
+    torchrun --nproc-per-node "$NPROC" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
     --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-    "$(dirname "$0")/../tools/train_mask.py" \
+    "$LAUNCH_TOOLS/train_mask.py" \
     --tp "$TP" --load "$CKPT" --data "$DATA" --save "$SAVE" \
     ${PRIOR:+--prior "$PRIOR" --prior-strength 3} \
     ${EVAL_DATA:+--eval-data "$EVAL_DATA" --eval-interval 200} \

@@ -4,7 +4,8 @@
 #
 #   CKPT=ckpts/llama3-8b-tp8-sparsegpt bash scripts/evaluate_llama3_8b_wikitext2.sh [--json]
 set -euo pipefail
-: "${CKPT:?set CKPT to a megatron-sparse checkpoint of llama3-8b}"
-exec torchrun --nproc-per-node "${NPROC:-8}" --master-port "${MASTER_PORT:-29500}" \
-    "$(dirname "$0")/../tools/eval_ppl.py" \
+source "$(dirname "$0")/_launch.sh"
+require CKPT "a megatron-sparse checkpoint of llama3-8b"
+launch llama3-8b torchrun --nproc-per-node "${NPROC:-8}" --master-port "${MASTER_PORT:-29500}" \
+    "$LAUNCH_TOOLS/eval_ppl.py" \
     --load "$CKPT" --data "${DATA:-wikitext2}" --seq-length "${SEQ_LENGTH:-4096}" "$@"

@@ -83,6 +83,6 @@ def working_set(args: LlamaArgs, x: Shape) -> int:
 
 def loss_bytes(args: LlamaArgs, x: Shape, *, copies: int) -> int:
     """Output logits ``[s, b, vocab/t]`` in ``d`` plus ``copies`` fp32 tensors of that shape in
-    megatron's vocab-parallel cross entropy."""
+    megatron's vocab-parallel cross entropy (one fewer when the logits are fp32 already)."""
     n = x.seq * x.batch * args.vocab_size // x.tp
-    return n * (x.act_bytes + FP32 * copies)
+    return n * (x.act_bytes + FP32 * (copies - (1 if x.act_bytes >= FP32 else 0)))

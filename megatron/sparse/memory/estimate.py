@@ -65,6 +65,9 @@ class MemoryConfig:
     """Calibration sequences per layer forward (``prune_oneshot.py --micro-batch-size``)."""
     full_row_hessian: bool = True
     """SparseGPT under TP: gather the full Hessian of row-parallel inputs (the default)."""
+    source_copies: int = 1
+    """Copies of the HF weights conversion holds: 1 for a safetensors directory, 2 for the
+    embedded GGUF model (the dequantised HF model is still alive when its state is cloned)."""
 
     def args(self) -> LlamaArgs:
         return preset(self.model) if isinstance(self.model, str) else self.model
@@ -108,17 +111,26 @@ class MemoryEstimate:
     the source copy (conversion), the export copy, one layer's transient working set."""
     checkpoint: int
     """Bytes the tool writes to disk (0: it writes no checkpoint)."""
+    load_transient: int = 0
+    """Extra bytes while a checkpoint loads: ``dist_checkpointing`` reads the stored weights into
+    fresh tensors before ``load_state_dict`` copies them in (measured: one copy of the weights)."""
     per_gpu: bool = True
     """False for the host tools (whole model in one process)."""
     counts: dict = field(default_factory=dict)
     """Element counts behind the figures (per TP rank and whole model)."""
 
     @property
-    def peak(self) -> int:
+    def steady(self) -> int:
+        """Everything held at once while the tool works."""
         return self.parameters + self.gradients + self.optimizer + self.activations + self.buffers
 
+    @property
+    def peak(self) -> int:
+        """The larger of the working set and the checkpoint load."""
+        return max(self.steady, self.parameters + self.load_transient)
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"peak": self.peak}
+        return asdict(self) | {"steady": self.steady, "peak": self.peak}
 
 
 def _fused_tensor_elems(args: LlamaArgs) -> int:
@@ -129,16 +141,17 @@ def _fused_tensor_elems(args: LlamaArgs) -> int:
 
 
 def _hessian_bytes(args: LlamaArgs, cfg: MemoryConfig) -> int:
-    """fp32 Hessians of one layer's four linears plus SparseGPT's work on the widest."""
-    h, q, i, t = args.hidden_size, args.num_attention_heads * args.kv_channels, \
-        args.intermediate_size, cfg.tp
-    gather = cfg.full_row_hessian and t > 1
-    q_in, i_in = (q, i) if gather or t == 1 else (q // t, i // t)
-    widest = max(h, q_in, i_in)
-    rows = {h: (q + 2 * args.num_key_value_heads * args.kv_channels) // t, q_in: h,
-            i_in: h}[widest]
-    hessians = act.FP32 * (2 * h * h + q_in * q_in + i_in * i_in)
-    work = act.FP32 * (2 * widest * widest + 2 * rows * widest)  # H^-1 factor, fp32 weight copies
+    """fp32 Hessians of one layer's four linears plus SparseGPT's work on the widest input."""
+    h, t = args.hidden_size, cfg.tp
+    q = args.num_attention_heads * args.kv_channels
+    qkv_rows = (q + 2 * args.num_key_value_heads * args.kv_channels) // t
+    gather = cfg.full_row_hessian and t > 1  # row-parallel inputs gathered to full width
+    proj_in, fc2_in = (q, args.intermediate_size) if gather or t == 1 else \
+        (q // t, args.intermediate_size // t)
+    inputs = [(h, qkv_rows), (proj_in, h), (h, 2 * args.intermediate_size // t), (fc2_in, h)]
+    hessians = act.FP32 * sum(cols * cols for cols, _ in inputs)
+    cols, rows = max(inputs)
+    work = act.FP32 * (2 * cols * cols + 2 * rows * cols)  # H^-1 factor, fp32 weight copies
     return hessians + work
 
 
@@ -165,7 +178,7 @@ def estimate(cfg: MemoryConfig) -> MemoryEstimate:
     grads = opt = acts = buffers = ckpt = 0
     if cfg.tool == "convert":
         params = weights + (logits if cfg.legacy_format else 0)
-        buffers = weights + _fused_tensor_elems(args) * d  # HF source state + fused copies
+        buffers = cfg.source_copies * weights + _fused_tensor_elems(args) * d  # HF + fused
         ckpt = total_w + (total_logits if cfg.legacy_format else 0)
     elif cfg.tool == "export":
         params = weights + logits  # a mask-trained checkpoint
@@ -191,7 +204,10 @@ def estimate(cfg: MemoryConfig) -> MemoryEstimate:
         params, grads = weights + logits, logits
         opt = OPTIMIZER_STATES[cfg.optimizer] * logits
         fused = cfg.cpu and d == act.FP32
-        per_weight = d + (0 if fused else 6 + (14 if cfg.regulariser else 0))
+        per_weight = d  # weight * mask, kept by each linear for its input gradient
+        if not fused:
+            per_weight += fmt.SOFT_MASK_SAVED_BYTES_PER_WEIGHT + (
+                fmt.REGULARISER_SAVED_BYTES_PER_WEIGHT if cfg.regulariser else 0)
         layers = args.num_layers
         if cfg.recompute:
             acts = layers * act.layer_input(args, shape) + act.saved_per_layer(args, shape) \
@@ -204,6 +220,8 @@ def estimate(cfg: MemoryConfig) -> MemoryEstimate:
     counts = {"weights_per_rank": shard.weights, "sparse_weights_per_rank": sparse,
               "weights_total": whole.weights, "sparse_weights_total": whole.sparse_weights,
               "tp": tp, "dp": cfg.dp, "world_size": cfg.tp * cfg.dp}
+    loads = cfg.tool != "convert"
     return MemoryEstimate(tool=cfg.tool, parameters=params, gradients=grads, optimizer=opt,
-                          activations=acts, buffers=buffers, checkpoint=ckpt, per_gpu=not host,
+                          activations=acts, buffers=buffers, checkpoint=ckpt,
+                          load_transient=weights if loads else 0, per_gpu=not host,
                           counts=counts)

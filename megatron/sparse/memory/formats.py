@@ -23,11 +23,18 @@ PACKED_MASK_BYTES_PER_WEIGHT = 1 / 8
 """Exported mask file: one bit per weight (``np.packbits``, before compression)."""
 EVAL_MASK_BYTES_PER_WEIGHT = 1
 """The boolean ``[rows, in]`` eval mask a sparse layer caches after its first eval forward."""
+SOFT_MASK_SAVED_BYTES_PER_WEIGHT = 6
+"""PyTorch mask path (GPU, non-fp32 CPU): the fp32 softmax probabilities ``[numel / 4, 6]`` each
+sparse linear's soft mask keeps for backward (the fused fp32 CPU kernel keeps none)."""
+REGULARISER_SAVED_BYTES_PER_WEIGHT = 14
+"""PyTorch mask path with the regulariser ``||sg(W) * M||^2`` recomputed after the forward: the
+probabilities again (6), the fp32 weight copy (4) and the fp32 product (4), per masked weight."""
 ADAMW_STATES = 2
 """AdamW moments (exp_avg, exp_avg_sq) per trainable element, fp32 like the logits."""
 LOSS_FP32_COPIES = 2
-"""fp32 tensors of ``[s, b, vocab / tp]`` in megatron's vocab-parallel cross entropy (the
-logits cast to fp32 and the softmax kept for backward)."""
+"""fp32 tensors of ``[s, b, vocab / tp]`` in megatron's vocab-parallel cross entropy of
+half-precision logits: the fp32 cast and the softmax kept for backward (fp32 logits need no
+cast: one copy fewer)."""
 TOKEN_BYTES = 8
 """int64 token ids (calibration windows)."""
 

@@ -58,7 +58,7 @@ def fake_tensor_parallel(tp: int):
         dist.destroy_process_group()
 
 
-def build_meta_model(args: LlamaArgs, *, tp: int, params_dtype: torch.dtype):
+def build_meta_model(args: LlamaArgs, *, params_dtype: torch.dtype):
     """TP rank 0's sparse GPTModel on the meta device (inside :func:`fake_tensor_parallel`)."""
     with torch.device("meta"):
         return args.build(params_dtype=params_dtype)
@@ -69,7 +69,7 @@ def _count(args_key: str, tp: int) -> ShardCounts:
     args = LlamaArgs.from_dict(json.loads(args_key))
     args.validate(tp)
     with fake_tensor_parallel(tp):
-        model = build_meta_model(args, tp=tp, params_dtype=torch.bfloat16)
+        model = build_meta_model(args, params_dtype=torch.bfloat16)
         weights = sum(p.numel() for n, p in model.named_parameters()
                       if not n.endswith("mask_logits"))
         logits = sum(p.numel() for n, p in model.named_parameters() if n.endswith("mask_logits"))

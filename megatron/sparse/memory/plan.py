@@ -103,7 +103,8 @@ def memory_config(plan: Plan, model) -> MemoryConfig:
                        prune_method=f.get("--method") or "sparsegpt",
                        calib_samples=int(f.get("--calib-samples") or 128),
                        prune_micro_batch=mb, regulariser=float(f.get("--reg-lambda") or 1e-5) > 0)
-    if tool != "convert" and plan.world % plan.tp != 0:
+    cfg.validate()
+    if tool not in ("convert", "export") and plan.world % plan.tp != 0:
         raise ValueError(f"--tp {plan.tp} does not divide the world size {plan.world} "
                          f"(NPROC x NNODES); set TP to a divisor of it")
     return cfg

@@ -21,6 +21,7 @@ def table(rows: list[tuple[str, MemoryEstimate]]) -> str:
         values = e.to_dict()
         lines.append(f"{label:<{width}}" + "".join(f"{gib(values[c]):>13}" for c in COLUMNS)
                      + ("  GPU" if e.per_gpu else "  host process"))
-    lines.append("GiB (2^30 bytes); peak = parameters + gradients + optimizer + activations + "
-                 "buffers; checkpoint = bytes written (whole model)")
+    lines.append("GiB (2^30 bytes); peak = max(parameters + gradients + optimizer + activations "
+                 "+ buffers, parameters + one loaded copy of the weights); checkpoint = bytes "
+                 "written (whole model)")
     return "\n".join(lines)
