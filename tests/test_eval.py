@@ -101,7 +101,8 @@ def _megatron_ppl(state, windows, dense):
     rank = parallel_state.get_tensor_model_parallel_rank()
     from megatron.sparse.convert.sharding import shard_state_dict
 
-    model = tiny_gqa().build()
+    fixed = any(k.endswith(".mask_choice") for k in state)  # a pruned state: fixed masks
+    model = tiny_gqa().build(mask_kind="fixed" if fixed else "logits")
     model.load_state_dict(shard_state_dict(state, tp)[rank])
     if dense:
         set_mask_state(model, enabled=False)
