@@ -40,7 +40,8 @@ def to_hf(state, args):
     per = heads // kv
     out = {}
     for key, t in state.items():
-        if not isinstance(t, torch.Tensor) or key.endswith("_extra_state") or "mask_logits" in key:
+        if not isinstance(t, torch.Tensor) or key.endswith("_extra_state") or "mask_logits" in key \
+                or "mask_choice" in key:
             continue
         if key == "embedding.word_embeddings.weight":
             out["model.embed_tokens.weight"] = t
