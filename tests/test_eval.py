@@ -40,7 +40,8 @@ def to_hf(state, args):
     per = heads // kv
     out = {}
     for key, t in state.items():
-        if not isinstance(t, torch.Tensor) or key.endswith("_extra_state") or "mask_logits" in key:
+        if not isinstance(t, torch.Tensor) or key.endswith("_extra_state") or "mask_logits" in key \
+                or "mask_choice" in key:
             continue
         if key == "embedding.word_embeddings.weight":
             out["model.embed_tokens.weight"] = t
@@ -101,7 +102,8 @@ def _megatron_ppl(state, windows, dense):
     rank = parallel_state.get_tensor_model_parallel_rank()
     from megatron.sparse.convert.sharding import shard_state_dict
 
-    model = tiny_gqa().build()
+    fixed = any(k.endswith(".mask_choice") for k in state)  # a pruned state: fixed masks
+    model = tiny_gqa().build(mask_kind="fixed" if fixed else "logits")
     model.load_state_dict(shard_state_dict(state, tp)[rank])
     if dense:
         set_mask_state(model, enabled=False)

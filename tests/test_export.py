@@ -114,13 +114,15 @@ def test_import_at_tp1_2_4_gives_identical_masks(learned, exported, tmp_path):
                 "--save", out, "--as-fixed")
         result = run_tool_in_process(*args) if tp == 1 else run_tool(*args, nproc=tp)
         assert result.returncode == 0, result.stderr
-    # as a prior the logits reproduce the mask at high strength and stay learnable
+    # as a prior: the same fixed masks, marked with the strength the trainer starts from
     result = run_tool_in_process("import_masks", "--load", root / "dense", "--mask-file",
                                  mask_file, "--save", tmp_path / "prior", "--as-prior",
                                  "--prior-strength", "10")
     assert result.returncode == 0, result.stderr
     meta = checkpoint.read_checkpoint_meta(tmp_path / "prior")
-    assert meta["logits_are_init"] and meta["mask_source"].startswith("imported-prior")
+    assert meta["mask_source"].startswith("imported-prior") and meta["mask_role"] == "prior"
+    assert meta["prior_strength"] == 10.0 and meta["mask_storage"] == "fixed"
+    assert "logits_are_init" not in meta
     results = run_distributed(_eval_masks_of, 1, [str(p) for p in outs + [tmp_path / "prior"]])
     for name, got in zip(["fixed TP=1", "fixed TP=2", "fixed TP=4", "prior"], results):
         assert got.keys() == reference.keys(), name

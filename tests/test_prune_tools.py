@@ -37,6 +37,7 @@ def test_magnitude_tool_saves_masks_and_keeps_meta(dense_ckpt, tmp_path):
     assert "layer 2/2" in res.stdout and "peak memory" in res.stdout
     meta = read_checkpoint_meta(out)
     assert meta["mask_source"] == "magnitude" and meta["weights_updated"] is False
+    assert meta["format_version"] == 2 and meta["mask_storage"] == "fixed"
     assert meta["tokenizer"] == "toy-tokenizer" and meta["hf_config"] == {"model_type": "llama"}
     from megatron.sparse.checkpoint import load_model
     from megatron.sparse.layers import sparse_layers
