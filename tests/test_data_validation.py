@@ -7,7 +7,6 @@ count), then int32 sizes, int64 byte pointers and int64 document offsets.
 
 import struct
 
-import numpy as np
 import pytest
 
 from megatron.sparse.data.indexed import CorruptDataError, read_token_windows, write_indexed
