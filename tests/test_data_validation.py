@@ -7,13 +7,12 @@ count), then int32 sizes, int64 byte pointers and int64 document offsets.
 
 import struct
 
-import numpy as np
 import pytest
 
 from megatron.sparse.data.indexed import CorruptDataError, read_token_windows, write_indexed
 from megatron.sparse.prune.data import calibration_windows
 from megatron.sparse.train.data import count_tokens
-from tests.tools import run_tool
+from tests.tools import run_tool, run_tool_in_process
 from tests.train_fixtures import tiny_checkpoint
 
 HEADER = 9 + 8 + 1 + 8 + 8
@@ -122,3 +121,18 @@ def test_train_mask_on_a_corrupted_idx_exits_with_one_line(tmp_path):
     assert len(errors) == 1 and prefix + ".idx" in errors[0], result.stderr[-3000:]
     assert "tools/preprocess_data.py" in errors[0]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_prune_oneshot_on_a_corrupted_calibration_bin_exits_with_one_line(tmp_path):
+    """``--calib-data PREFIX`` with a truncated ``.bin``, through the tool's own error wrapper."""
+    base = tiny_checkpoint(str(tmp_path / "base"))
+    prefix = str(tmp_path / "calib")
+    _write(prefix)
+    _truncate(prefix + ".bin", 2)
+    result = run_tool_in_process("prune_oneshot", "--load", base, "--method", "wanda",
+                                 "--calib-data", prefix, "--calib-samples", 1, "--seq-length",
+                                 4, "--save", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {prefix}.bin: "), result.stderr
+    assert not (tmp_path / "out").exists()
