@@ -219,8 +219,9 @@ def test_sparsify_skips_dense_linears_and_refuses_unknown_masks():
 
 @pytest.mark.slow
 def test_exported_embedded_model_same_greedy_tokens(embedded_dense, tmp_path):
-    """convert -> magnitude prune -> export (the demo's stages), then 64 greedy tokens with and
-    without the sparse kernels, in fp32 and in bf16; and the generate tool itself."""
+    """convert -> magnitude prune -> export (the demo's stages), then the same 64 greedy tokens
+    with and without the sparse kernels (fp32), bf16 logits as close to fp32 as dense bf16's;
+    and the generate tool itself."""
     from megatron.sparse.data.tokenizer import encode, load_tokenizer
     from megatron.sparse.inference.generate import load_for_inference
     from tests.tools import run_tool
@@ -233,14 +234,19 @@ def test_exported_embedded_model_same_greedy_tokens(embedded_dense, tmp_path):
     assert result.returncode == 0, result.stderr
     prompt = "The history of the Roman Empire"
     ids = torch.tensor([encode(load_tokenizer("embedded"), prompt)])
-    for dtype in (torch.float32, torch.bfloat16):
-        dense, _ = load_for_inference(str(hf_dir), dtype=dtype)
-        sparse, swapped = load_for_inference(str(hf_dir), sparse_kernels=True, dtype=dtype)
-        assert len(swapped) == 30 * 7
-        a, b = greedy_generate(sparse, ids, 64).tokens, greedy_generate(dense, ids, 64).tokens
-        print(dtype, a == b, a, b)
-        if dtype == torch.float32:
-            assert a == b
+    dense, _ = load_for_inference(str(hf_dir))
+    sparse, swapped = load_for_inference(str(hf_dir), sparse_kernels=True)
+    assert len(swapped) == 30 * 7
+    assert greedy_generate(sparse, ids, 64).tokens == greedy_generate(dense, ids, 64).tokens
+    # bf16: both paths round each linear's float32 sum once, in different summation orders, so
+    # greedy tokens may part at a near tie; ours must be as close to float32 as dense bf16 is
+    with torch.no_grad():
+        ref = dense(ids).logits.double()
+        err = {}
+        for name, model in (("dense", dense), ("sparse", sparse)):
+            logits = model.to(torch.bfloat16)(ids).logits.double()
+            err[name] = float((logits - ref).norm() / ref.norm())
+    assert err["sparse"] <= 1.5 * err["dense"] + 1e-3, err
     result = run_tool("generate", "--model", hf_dir, "--mask", hf_dir / "masks.npz",
                       "--sparse-kernels", "--prompt", prompt, "--max-new-tokens", 8)
     assert result.returncode == 0, result.stderr
