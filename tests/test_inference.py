@@ -251,3 +251,14 @@ def test_exported_embedded_model_same_greedy_tokens(embedded_dense, tmp_path):
                       "--sparse-kernels", "--prompt", prompt, "--max-new-tokens", 8)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prompt) and "2:4 kernels on 210 linears" in result.stdout
+
+
+def test_generate_tool_user_errors(tmp_path):
+    from tests.tools import run_tool_in_process
+
+    for args, words in [(("--model", tmp_path / "none", "--prompt", "x"), "tokenizer"),
+                        (("--model", "embedded", "--prompt", "x", "--max-new-tokens", 0),
+                         "--max-new-tokens")]:
+        result = run_tool_in_process("generate", *args)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
