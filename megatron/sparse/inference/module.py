@@ -30,7 +30,7 @@ class DispatchConfig:
     kernel_max_batch_fp32: int = 64
     """Largest number of input rows (tokens) sent to the CPU kernel for float32 weights; above it
     a dense GEMM is faster (crossover measured by benchmarks/bench_sparse_inference.py)."""
-    kernel_max_batch_bf16: int = 12
+    kernel_max_batch_bf16: int = 8
     """The same for bfloat16 weights (dense bf16 GEMMs use the CPU's bf16 dot products too)."""
     cache_dense: bool = True
     """Keep the decompressed weight after the first dense call (prefill) instead of
