@@ -101,7 +101,7 @@ class SparseLinear24(nn.Module):
         return self._semi_cache or None
 
     def path(self, x: torch.Tensor) -> str:
-        """The matmul :meth:`forward` uses for ``x``: ``kernel``, ``semi_structured`` or ``dense``."""
+        """The matmul :meth:`forward` uses: ``kernel``, ``semi_structured`` or ``dense``."""
         rows = x.numel() // max(self.in_features, 1)
         dtype = self.values.dtype
         if x.is_cuda:
