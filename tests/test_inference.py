@@ -215,3 +215,50 @@ def test_sparsify_skips_dense_linears_and_refuses_unknown_masks():
     assert sparsify(model) == []  # random dense weights are not 2:4
     with pytest.raises(ValueError, match="name no nn.Linear"):
         sparsify(model, masks={"model.nothing.weight.mask": torch.ones(2, 4)})
+
+
+@pytest.mark.slow
+def test_exported_embedded_model_same_greedy_tokens(embedded_dense, tmp_path):
+    """convert -> magnitude prune -> export (the demo's stages), then the same 64 greedy tokens
+    with and without the sparse kernels (fp32), bf16 logits as close to fp32 as dense bf16's;
+    and the generate tool itself."""
+    from megatron.sparse.data.tokenizer import encode, load_tokenizer
+    from megatron.sparse.inference.generate import load_for_inference
+    from tests.tools import run_tool
+
+    pruned, hf_dir = tmp_path / "magnitude", tmp_path / "hf"
+    result = run_tool("prune_oneshot", "--load", embedded_dense, "--method", "magnitude",
+                      "--seq-length", 64, "--calib-samples", 1, "--save", pruned)
+    assert result.returncode == 0, result.stderr
+    result = run_tool("export_hf", "--load", pruned, "--out", hf_dir)
+    assert result.returncode == 0, result.stderr
+    prompt = "The history of the Roman Empire"
+    ids = torch.tensor([encode(load_tokenizer("embedded"), prompt)])
+    dense, _ = load_for_inference(str(hf_dir))
+    sparse, swapped = load_for_inference(str(hf_dir), sparse_kernels=True)
+    assert len(swapped) == 30 * 7
+    assert greedy_generate(sparse, ids, 64).tokens == greedy_generate(dense, ids, 64).tokens
+    # bf16: both paths round each linear's float32 sum once, in different summation orders, so
+    # greedy tokens may part at a near tie; ours must be as close to float32 as dense bf16 is
+    with torch.no_grad():
+        ref = dense(ids).logits.double()
+        err = {}
+        for name, model in (("dense", dense), ("sparse", sparse)):
+            logits = model.to(torch.bfloat16)(ids).logits.double()
+            err[name] = float((logits - ref).norm() / ref.norm())
+    assert err["sparse"] <= 1.5 * err["dense"] + 1e-3, err
+    result = run_tool("generate", "--model", hf_dir, "--mask", hf_dir / "masks.npz",
+                      "--sparse-kernels", "--prompt", prompt, "--max-new-tokens", 8)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(prompt) and "2:4 kernels on 210 linears" in result.stdout
+
+
+def test_generate_tool_user_errors(tmp_path):
+    from tests.tools import run_tool_in_process
+
+    for args, words in [(("--model", tmp_path / "none", "--prompt", "x"), "tokenizer"),
+                        (("--model", "embedded", "--prompt", "x", "--max-new-tokens", 0),
+                         "--max-new-tokens")]:
+        result = run_tool_in_process("generate", *args)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -119,8 +119,9 @@ static inline __attribute__((always_inline)) void block(
     }
 }
 
-static inline __attribute__((always_inline)) void row_block(const void *values, int bf16, const uint8_t *meta, const float *x, float *y,
-                      const float *bias, const s24_params *p, int64_t r0) {
+static inline __attribute__((always_inline)) void row_block(
+    const void *values, int bf16, const uint8_t *meta, const float *x, float *y, const float *bias,
+    const s24_params *p, int64_t r0) {
     const int full = r0 + ROWS_PER_BLOCK <= p->rows;
     int64_t b0 = 0;
     for (; b0 + BATCH_TILE <= p->batch; b0 += BATCH_TILE) {
@@ -149,8 +150,9 @@ static inline __attribute__((always_inline)) void row_block(const void *values, 
     }
 }
 #else
-static inline __attribute__((always_inline)) void row_block(const void *values, int bf16, const uint8_t *meta, const float *x, float *y,
-                      const float *bias, const s24_params *p, int64_t r0) {
+static inline __attribute__((always_inline)) void row_block(
+    const void *values, int bf16, const uint8_t *meta, const float *x, float *y, const float *bias,
+    const s24_params *p, int64_t r0) {
     const int64_t half = p->in / 2, mstride = (p->in / 4 + 1) / 2;
     int64_t stop = r0 + ROWS_PER_BLOCK < p->rows ? r0 + ROWS_PER_BLOCK : p->rows;
     for (int64_t r = r0; r < stop; ++r) {

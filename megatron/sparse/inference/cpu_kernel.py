@@ -74,10 +74,10 @@ def matmul(packed: Compressed24, x: torch.Tensor, bias: torch.Tensor | None = No
         fn, x2 = lib.s24_matmul_bf16x, x.reshape(-1, cols).contiguous()  # bf16 dot products
     else:
         fn = lib.s24_matmul_bf16 if bf16 else lib.s24_matmul_f32
-        x2 = x.reshape(-1, cols).to(torch.float32).contiguous()
+        x2 = x.reshape(-1, cols).float().contiguous()
     y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
     prm = S24Params(rows=rows, in_=cols, batch=x2.shape[0], threads=torch.get_num_threads())
     fn(packed.values.data_ptr(), packed.meta.data_ptr(), x2.data_ptr(), y.data_ptr(),
        None if b is None else b.data_ptr(), ctypes.byref(prm))
-    return y.to(x.dtype).reshape(*lead, rows)
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*lead, rows)

@@ -1,4 +1,4 @@
-"""Greedy generation with timings (prefill and per-token decode) for a ``transformers`` causal LM."""
+"""Greedy generation with timings (prefill, per-token decode) for a ``transformers`` causal LM."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ class DispatchConfig:
     kernel_max_batch_fp32: int = 64
     """Largest number of input rows (tokens) sent to the CPU kernel for float32 weights; above it
     a dense GEMM is faster (crossover measured by benchmarks/bench_sparse_inference.py)."""
-    kernel_max_batch_bf16: int = 12
+    kernel_max_batch_bf16: int = 8
     """The same for bfloat16 weights (dense bf16 GEMMs use the CPU's bf16 dot products too)."""
     cache_dense: bool = True
     """Keep the decompressed weight after the first dense call (prefill) instead of
@@ -42,8 +42,9 @@ class DispatchConfig:
 
     def kernel_max_batch(self, dtype: torch.dtype) -> int:
         """The CPU kernel's batch limit for weights of ``dtype`` (0: never)."""
-        return {torch.float32: self.kernel_max_batch_fp32,
-                torch.bfloat16: self.kernel_max_batch_bf16}.get(dtype, 0)
+        if dtype == torch.float32:
+            return self.kernel_max_batch_fp32
+        return self.kernel_max_batch_bf16 if dtype == torch.bfloat16 else 0
 
 
 class SparseLinear24(nn.Module):
@@ -59,6 +60,7 @@ class SparseLinear24(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._dense_cache: torch.Tensor | None = None
         self._semi_cache = None
+        self._packed = self.packed
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, *,
@@ -75,7 +77,9 @@ class SparseLinear24(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): derived weights are stale
         self._dense_cache = self._semi_cache = None
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._packed = self.packed
+        return out
 
     def dense_weight(self) -> torch.Tensor:
         """The decompressed ``W * M`` (cached when ``config.cache_dense``)."""
@@ -97,7 +101,7 @@ class SparseLinear24(nn.Module):
         return self._semi_cache or None
 
     def path(self, x: torch.Tensor) -> str:
-        """Which matmul :meth:`forward` uses for ``x``: ``kernel``, ``semi_structured``, ``dense``."""
+        """The matmul :meth:`forward` uses: ``kernel``, ``semi_structured`` or ``dense``."""
         rows = x.numel() // max(self.in_features, 1)
         dtype = self.values.dtype
         if x.is_cuda:
@@ -105,14 +109,15 @@ class SparseLinear24(nn.Module):
                     and x.dtype == dtype and rows >= self.config.gpu_min_batch):
                 return "semi_structured"
             return "dense"
-        if 0 < rows <= self.config.kernel_max_batch(dtype) and cpu_kernel.supports(self.packed, x):
+        if 0 < rows <= self.config.kernel_max_batch(dtype) and \
+                cpu_kernel.supports(self._packed, x):
             return "kernel"
         return "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.path(x)
         if path == "kernel":
-            return cpu_kernel.matmul(self.packed, x, self.bias)
+            return cpu_kernel.matmul(self._packed, x, self.bias)
         if path == "semi_structured":
             weight = self._semi_structured()
             if weight is not None:
