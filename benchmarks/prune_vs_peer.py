@@ -33,7 +33,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def timed_child(cmd: list[str], *, log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` to completion; wall seconds, peak RSS (MiB) and its last stdout line."""
+    """Run ``cmd`` to completion: wall and CPU seconds, peak RSS (MiB), last stdout line."""
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True, env=env)
@@ -44,7 +44,9 @@ def timed_child(cmd: list[str], *, log: Path, env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{Path(cmd[1]).name} failed (exit {proc.returncode}); see {log}")
     lines = [line for line in stdout.strip().splitlines() if line.strip()]
-    return {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+    return {"seconds": round(seconds, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024),
             "last_line": lines[-1] if lines else ""}
 
 
