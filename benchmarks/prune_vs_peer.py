@@ -42,7 +42,8 @@ def timed_child(cmd: list[str], *, log: Path, env: dict | None = None) -> dict:
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{Path(cmd[1]).name} failed (exit {proc.returncode}); see {log}")
+        script = next((Path(c).name for c in cmd if c.endswith(".py")), cmd[0])
+        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log}")
     lines = [line for line in stdout.strip().splitlines() if line.strip()]
     return {"seconds": round(seconds, 1),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
@@ -97,14 +98,15 @@ def prepare(work: Path, *, samples: int, seq_length: int) -> dict[str, Path]:
 
 
 def run_ours(paths: dict[str, Path], work: Path, *, samples: int, seq_length: int,
-             micro_batch_size: int) -> dict:
+             micro_batch_size: int | None) -> dict:
     out = work / "ours_pruned"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-W", "ignore", str(ROOT / "tools" / "prune_oneshot.py"),
            "--load", str(paths["dense"]), "--method", "sparsegpt", "--update-weight",
            "--calib-data", str(paths["calib"]), "--calib-samples", str(samples),
-           "--seq-length", str(seq_length), "--micro-batch-size", str(micro_batch_size),
-           "--save", str(out)]
+           "--seq-length", str(seq_length), "--save", str(out)]
+    if micro_batch_size:
+        cmd += ["--micro-batch-size", str(micro_batch_size)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     row = timed_child(cmd, log=work / "ours.log", env=env)
     return {"side": "ours", **row, "detail": row.pop("last_line")}
