@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
+from megatron.sparse.heap import trim_heap
 from megatron.sparse.model import LlamaArgs
 
 ARGS_FILE = "model_args.json"
@@ -217,6 +218,7 @@ def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool =
     args = read_model_args(root)
     model = args.build(sparse=sparse, params_dtype=params_dtype, device=device)
     load_into(root, model, iteration=iteration)
+    trim_heap()  # the read buffers of the load are free now; do not keep them in the RSS
     return model, args
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron.sparse.heap import trim_heap
 from megatron.sparse.layers import SparseRowParallelLinear, set_mask_state, sparse_layers
 from megatron.sparse.model import causal_attention_mask
 from megatron.sparse.prune.apply import store_mask
@@ -220,4 +221,6 @@ def prune_model(model: torch.nn.Module, tokens: torch.Tensor, *, method: str,
         log(f"layer {index + 1}/{len(layers)}: {method} {time.perf_counter() - start_time:.1f}s, "
             f"peak memory {peak_memory_mib():.0f} MiB")
     set_mask_state(model, enabled=True)
+    del hidden
+    trim_heap()  # calibration buffers are free; a following checkpoint save starts lower
     return masks
