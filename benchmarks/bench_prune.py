@@ -88,8 +88,9 @@ def compare_with_peer(ns: argparse.Namespace) -> None:
     samples, seq = ns.samples or 32, ns.seq_length
     work = Path(ns.work_dir)
     paths = peer.prepare(work, samples=samples, seq_length=seq)
-    runs = []
-    for repeat in range(ns.repeats):
+    runs_file = work / f"runs_{samples}x{seq}.json"
+    runs = json.loads(runs_file.read_text()) if ns.skip_prune and runs_file.is_file() else []
+    for repeat in range(0 if ns.skip_prune else ns.repeats):
         sides = [lambda: peer.run_ours(paths, work, samples=samples, seq_length=seq,
                                        micro_batch_size=ns.micro_batch_size),
                  lambda: peer.run_peer(paths, work, peer_python=ns.peer_python,
@@ -100,6 +101,11 @@ def compare_with_peer(ns: argparse.Namespace) -> None:
               f"{rows['ours']['peak_rss_mib']} MiB; llmcompressor "
               f"{rows['llmcompressor']['seconds']:.1f} s, {rows['llmcompressor']['peak_rss_mib']} "
               f"MiB", flush=True)
+    if not ns.skip_prune:
+        runs_file.write_text(json.dumps(runs))
+    if ns.skip_eval:
+        print(json.dumps({"peer": f"llmcompressor {version}", "runs": runs}))
+        return
     ev = peer.evaluate(paths, work, seq_length=seq, max_windows=ns.eval_windows)
     print(f"\nSparseGPT + weight update, 2:4, {samples} x {seq} calibration tokens (same windows), "
           f"llmcompressor {version}; PPL on held-out embedded text, {ev['eval_windows'][0]} x "
@@ -142,6 +148,10 @@ def main() -> None:
                    help="--peer: evaluate N held-out windows (default all)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "bench_prune_peer"),
                    help="--peer: dense model, data and pruned models (reused between runs)")
+    p.add_argument("--skip-prune", action="store_true",
+                   help="--peer: only evaluate the pruned models already in --work-dir (the "
+                        "table shows the timings recorded by the run that pruned them)")
+    p.add_argument("--skip-eval", action="store_true", help="--peer: timings only")
     ns = p.parse_args()
     if ns.peer:
         compare_with_peer(ns)

@@ -247,3 +247,29 @@ def test_unknown_method_and_update_without_sparsegpt(tiny_state):
             prune_model(model, tokens, method="obs")
         with pytest.raises(ValueError, match="only applies to sparsegpt"):
             prune_model(model, tokens, method="wanda", update_weight=True)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 4, 2])
+def test_fused_calibration_attention_matches_megatron_layer(kv_heads):
+    """A decoder layer with the SDPA core attention swapped in gives the megatron layer's output
+    (fp32 reassociation only: well under 1e-5 of the output scale), and the swap is undone."""
+    from megatron.sparse.model import causal_attention_mask
+    from megatron.sparse.prune.attention import fused_causal_attention
+
+    gen = torch.Generator().manual_seed(kv_heads)
+    with parallel.distributed(1, seed=5):
+        model = tiny_gqa(num_key_value_heads=kv_heads).build()
+        model.eval()
+        layer = model.decoder.layers[0]
+        original = layer.self_attention.core_attention
+        seq = 24
+        h = torch.randn(seq, 3, 64, generator=gen)
+        kwargs = dict(attention_mask=causal_attention_mask(seq),
+                      rotary_pos_emb=model.rotary_pos_emb(seq))
+        with torch.no_grad():
+            ref = layer(h, **kwargs)[0]
+            with fused_causal_attention([layer]) as swapped:
+                got = layer(h, **kwargs)[0]
+    assert swapped == 1
+    assert layer.self_attention.core_attention is original
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))

@@ -38,6 +38,7 @@ from megatron.sparse.layers import (
     sparse_layers,
     staged_masks,
 )
+from megatron.sparse.heap import trim_heap
 from megatron.sparse.model import LlamaArgs
 
 ARGS_FILE = "model_args.json"
@@ -285,6 +286,7 @@ def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool =
     load_into(root, model, iteration=iteration, masks=False)
     if with_masks:
         load_masks(root, model, iteration=iteration)
+    trim_heap()  # the read buffers of the load are free now; do not keep them in the RSS
     return model, args
 
 

@@ -7,7 +7,9 @@ states (which already went through the pruned earlier layers, with updated weigh
 ``linear_proj``, ``linear_fc1``, ``linear_fc2``) accumulate their input statistics. All four are
 collected in that one dense pass of the layer and pruned together (the references' default; not
 the "true sequential" variant that re-runs the layer after pruning each linear). The layer then
-runs again with its pruned weights to produce the inputs of the next layer.
+runs again with its pruned weights to produce the inputs of the next layer. The collecting pass
+stops once the last linear has its input (its output is never used), and both passes run the
+causal attention through the fused SDPA kernel (:mod:`megatron.sparse.prune.attention`).
 
 Under tensor parallelism each rank prunes its own shard with local statistics. Column-parallel
 linears see the full input, so their statistics are the same on every rank. Row-parallel linears
@@ -29,9 +31,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron.sparse.heap import trim_heap
 from megatron.sparse.layers import SparseRowParallelLinear, set_mask_state, sparse_layers
 from megatron.sparse.model import causal_attention_mask
 from megatron.sparse.prune.apply import store_mask
+from megatron.sparse.prune.attention import fused_causal_attention
 from megatron.sparse.prune.magnitude import magnitude_mask
 from megatron.sparse.prune.sparsegpt import sparsegpt_prune
 from megatron.sparse.prune.wanda import wanda_mask
@@ -129,6 +133,14 @@ def prune_linear(layer, stats: InputStats | None, *, method: str, update_weight:
     return mask
 
 
+class _InputsRecorded(Exception):
+    """Ends a collecting forward once the layer's last sparse linear has recorded its input."""
+
+
+def _stop_forward(module, args) -> None:
+    raise _InputsRecorded
+
+
 def peak_memory_mib() -> float:
     """Peak memory of this process: CUDA max allocated on GPU, else peak RSS (MiB)."""
     if torch.cuda.is_available():
@@ -182,9 +194,14 @@ def prune_model(model: torch.nn.Module, tokens: torch.Tensor, *, method: str,
                     gather=(method == "sparsegpt" and full_row_hessian and tp > 1
                             and isinstance(lin, SparseRowParallelLinear)))
                 handles.append(lin.register_forward_pre_hook(stats[name].hook))
+            handles.append(linears[-1][1].register_forward_pre_hook(_stop_forward))
             try:
-                for h in hidden:
-                    layer(h, attention_mask=attn_mask, rotary_pos_emb=rope)
+                with fused_causal_attention([layer]):
+                    for h in hidden:
+                        try:
+                            layer(h, attention_mask=attn_mask, rotary_pos_emb=rope)
+                        except _InputsRecorded:
+                            pass
             finally:
                 for handle in handles:
                     handle.remove()
@@ -197,10 +214,13 @@ def prune_model(model: torch.nn.Module, tokens: torch.Tensor, *, method: str,
             # with update_weight the pruned entries are already 0 in the weights, so the dense
             # forward gives the masked result without a weight * mask copy per micro-batch
             set_mask_state(layer, enabled=not update_weight)
-            for i, h in enumerate(hidden):
-                hidden[i] = layer(h, attention_mask=attn_mask, rotary_pos_emb=rope)[0]
+            with fused_causal_attention([layer]):
+                for i, h in enumerate(hidden):
+                    hidden[i] = layer(h, attention_mask=attn_mask, rotary_pos_emb=rope)[0]
             set_mask_state(layer, enabled=False)
         log(f"layer {index + 1}/{len(layers)}: {method} {time.perf_counter() - start_time:.1f}s, "
             f"peak memory {peak_memory_mib():.0f} MiB")
     set_mask_state(model, enabled=True)
+    del hidden
+    trim_heap()  # calibration buffers are free; a following checkpoint save starts lower
     return masks
