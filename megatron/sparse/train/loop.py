@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse import mask as mask_ops
+from megatron.sparse.compat import default_device
 from megatron.sparse.convert.sharding import full_shape, shard_tensor
 from megatron.sparse.eval.perplexity import megatron_perplexity
 from megatron.sparse.layers import set_mask_state, sparse_layers
@@ -45,9 +46,7 @@ class PreemptionFlag:
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1.0 if self.raised else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(_all_reduce(flag, None, op=dist.ReduceOp.MAX).item())
 
 
 def _tp_group():
@@ -55,8 +54,14 @@ def _tp_group():
 
 
 def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
+    """In-place all-reduce of ``t`` over ``group``; CPU tensors go through the GPU under NCCL."""
+    if not dist.is_initialized() or dist.get_world_size(group) <= 1:
+        return t
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        staged = t.to(default_device())
+        dist.all_reduce(staged, op=op, group=group)
+        return t.copy_(staged)
+    dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -122,7 +127,8 @@ class MaskTrainer:
         source = resume_root or cfg.load
         self.meta = ckpt.read_checkpoint_meta(source)
         self.args = LlamaArgs.from_dict(self.meta["model"])
-        self.model = self.args.build(mask_kind="logits")
+        self.device = default_device()
+        self.model = self.args.build(mask_kind="logits", device=self.device)
         print_rank0(f"loading {source} at TP={self.tp} x DP={self.dp}")
         ckpt.load_into(source, self.model, masks=False)
         for p in self.model.parameters():
@@ -240,13 +246,14 @@ class MaskTrainer:
             # Noise of global micro batch (micro * DP + dp_rank): the same at every TP x DP layout.
             set_mask_state(self.model, noise_seed=mask_ops.combine_seeds(
                 self.cfg.seed, step, micro * self.dp + dp_rank))
-            ce = model_forward(self.model, tokens, labels).float().mean()
+            ce = model_forward(self.model, tokens.to(self.device),
+                               labels.to(self.device)).float().mean()
             loss = ce / n_micro
             if values["reg_lambda"] > 0:
                 reg = sum(layer.sparse_weight_norm_sq() for _, layer in sparse_layers(self.model))
                 loss = loss - values["reg_lambda"] * reg / n_micro
             loss.backward()
-            ce_sum += ce.detach().double()
+            ce_sum += ce.detach().double().cpu()
         dp_group = parallel_state.get_data_parallel_group()
         if self.dp > 1:
             for p in self.logits:
