@@ -79,7 +79,7 @@ def compare_with_peer(ns: argparse.Namespace) -> None:
 
     version = peer.peer_available(ns.peer_python)
     if version is None:
-        print(f"skipping the llmcompressor comparison: llmcompressor does not import in "
+        print(f"skipping the llmcompressor comparison: llmcompressor is not installed in "
               f"{ns.peer_python} (pip install llmcompressor there, then pass --peer-python)")
         return
     from megatron.sparse.cli import quiet_library_notices

@@ -109,7 +109,8 @@ def run_ours(paths: dict[str, Path], work: Path, *, samples: int, seq_length: in
         cmd += ["--micro-batch-size", str(micro_batch_size)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     row = timed_child(cmd, log=work / "ours.log", env=env)
-    return {"side": "ours", **row, "detail": row.pop("last_line")}
+    detail = row.pop("last_line")
+    return {"side": "ours", **row, "detail": detail}
 
 
 def run_peer(paths: dict[str, Path], work: Path, *, peer_python: str, batch_size: int) -> dict:
@@ -118,7 +119,8 @@ def run_peer(paths: dict[str, Path], work: Path, *, peer_python: str, batch_size
     cmd = [peer_python, str(PEER_SCRIPT), "--model", str(paths["hf_dense"]), "--tokens",
            str(paths["tokens"]), "--out", str(out), "--batch-size", str(batch_size)]
     row = timed_child(cmd, log=work / "peer.log")
-    return {"side": "llmcompressor", **row, "detail": json.loads(row.pop("last_line"))}
+    detail = json.loads(row.pop("last_line"))
+    return {"side": "llmcompressor", **row, "detail": detail}
 
 
 def _projection_masks(model) -> dict[str, "torch.Tensor"]:
