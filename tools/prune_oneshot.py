@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
     from megatron.sparse import checkpoint as ckpt
     from megatron.sparse import parallel
+    from megatron.sparse.heap import trim_heap
+    from megatron.sparse.layers import sparse_layers
     from megatron.sparse.model import LlamaArgs
     from megatron.sparse.prune.calibration import check_method, peak_memory_mib, prune_model
     from megatron.sparse.prune.data import calibration_windows
@@ -109,11 +111,16 @@ def main(argv: list[str] | None = None) -> None:
                      "seq_length": ns.seq_length, "block_size": ns.block_size,
                      "percdamp": ns.percdamp, "full_row_hessian": not ns.local_row_hessian,
                      "tp": tp, "seconds": round(elapsed, 1)})
+        num_pruned = len(masks)
+        del masks  # the masks live in the layers; free the copies and caches before the save
+        for _, layer in sparse_layers(model):
+            layer.drop_mask_cache()
+        trim_heap()
         ckpt.save_checkpoint(ns.save, model, iteration=0, args=args, meta=out_meta)
         peak = torch.tensor([peak_memory_mib()], device=next(model.parameters()).device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        parallel.print_rank0(f"pruned {len(masks)} linears per rank in {elapsed:.1f}s, peak memory "
+        parallel.print_rank0(f"pruned {num_pruned} linears per rank in {elapsed:.1f}s, peak memory "
                              f"{float(peak):.0f} MiB per rank; saved {ns.save}")
     finally:
         parallel.shutdown()

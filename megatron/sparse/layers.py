@@ -178,6 +178,10 @@ class SparseMaskMixin:
             self._eval_cache = (key, mask_ops.candidates_to_mask(self.mask_choices()))
         return self._eval_cache[1]
 
+    def drop_mask_cache(self) -> None:
+        """Free the cached boolean mask (rebuilt on the next masked forward)."""
+        self._eval_cache = None
+
     def draw_sample(self) -> MaskSample:
         """The sample of the next training forward: its noise seed and the current state.
 

@@ -112,8 +112,12 @@ class MemoryEstimate:
     checkpoint: int
     """Bytes the tool writes to disk (0: it writes no checkpoint)."""
     load_transient: int = 0
-    """Extra bytes while a checkpoint loads: ``dist_checkpointing`` reads the stored weights into
-    fresh tensors before ``load_state_dict`` copies them in (measured: one copy of the weights)."""
+    """Extra bytes while a checkpoint loads. ``checkpoint.load_into`` lets ``dist_checkpointing``
+    fill the model's own tensors, so a weights-only load adds nothing; a legacy checkpoint's fp32
+    logits are read whole before they are reduced to 2:4 choices."""
+    save_transient: int = 0
+    """Extra bytes while a checkpoint is written: megatron-core's writer clones the views it
+    cannot write directly (the [gate; up] halves of ``linear_fc1``) before writing them."""
     per_gpu: bool = True
     """False for the host tools (whole model in one process)."""
     counts: dict = field(default_factory=dict)
@@ -126,8 +130,9 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        """The larger of the working set and the checkpoint load."""
-        return max(self.steady, self.parameters + self.load_transient)
+        """The largest of the working set, the checkpoint load and the checkpoint save."""
+        return max(self.steady, self.parameters + self.load_transient,
+                   self.parameters + self.save_transient)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"steady": self.steady, "peak": self.peak}
@@ -138,6 +143,11 @@ def _fused_tensor_elems(args: LlamaArgs) -> int:
     h, q, kv = args.hidden_size, args.num_attention_heads * args.kv_channels, \
         args.num_key_value_heads * args.kv_channels
     return args.num_layers * (h * (q + 2 * kv) + h * 2 * args.intermediate_size)
+
+
+def _fc1_elems(args: LlamaArgs, tp: int) -> int:
+    """Elements of every layer's ``linear_fc1`` ([gate; up]) on one TP rank."""
+    return args.num_layers * 2 * args.intermediate_size // tp * args.hidden_size
 
 
 def _hessian_bytes(args: LlamaArgs, cfg: MemoryConfig) -> int:
@@ -220,8 +230,12 @@ def estimate(cfg: MemoryConfig) -> MemoryEstimate:
     counts = {"weights_per_rank": shard.weights, "sparse_weights_per_rank": sparse,
               "weights_total": whole.weights, "sparse_weights_total": whole.sparse_weights,
               "tp": tp, "dp": cfg.dp, "world_size": cfg.tp * cfg.dp}
-    loads = cfg.tool != "convert"
+    loads = cfg.tool in ("prune", "eval")
+    # one-shot pruning writes the pruned model; its cached eval masks are still held then
+    save = _fc1_elems(args, tp) * d + sparse * fmt.EVAL_MASK_BYTES_PER_WEIGHT \
+        if cfg.tool == "prune" else 0
     return MemoryEstimate(tool=cfg.tool, parameters=params, gradients=grads, optimizer=opt,
                           activations=acts, buffers=buffers, checkpoint=ckpt,
-                          load_transient=weights if loads else 0, per_gpu=not host,
+                          load_transient=logits if loads and cfg.legacy_format else 0,
+                          save_transient=save, per_gpu=not host,
                           counts=counts)

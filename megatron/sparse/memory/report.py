@@ -22,6 +22,7 @@ def table(rows: list[tuple[str, MemoryEstimate]]) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{gib(values[c]):>13}" for c in COLUMNS)
                      + ("  GPU" if e.per_gpu else "  host process"))
     lines.append("GiB (2^30 bytes); peak = max(parameters + gradients + optimizer + activations "
-                 "+ buffers, parameters + one loaded copy of the weights); checkpoint = bytes "
+                 "+ buffers, parameters + load transient, parameters + save transient); checkpoint = "
+                 "bytes "
                  "written (whole model)")
     return "\n".join(lines)
