@@ -104,6 +104,7 @@ def _eval_masks_of(roots):
     return [_eval_masks(root) for root in roots]
 
 
+@pytest.mark.slow  # three multi-rank imports (~90 s); the bad-mask-file import test stays fast
 def test_import_at_tp1_2_4_gives_identical_masks(learned, exported, tmp_path):
     root, _ = learned
     _, mask_file = exported

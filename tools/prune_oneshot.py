@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                             method=ns.method, update_weight=ns.update_weight,
                             micro_batch_size=ns.micro_batch_size, block_size=ns.block_size,
                             percdamp=ns.percdamp, full_row_hessian=not ns.local_row_hessian,
-                            log=parallel.print_rank0)
+                            return_masks=False, log=parallel.print_rank0)
         elapsed = time.perf_counter() - start
         out_meta = {k: v for k, v in meta.items() if k != "model"}
         out_meta.update(
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                      "percdamp": ns.percdamp, "full_row_hessian": not ns.local_row_hessian,
                      "tp": tp, "seconds": round(elapsed, 1)})
         num_pruned = len(masks)
-        del masks  # the masks live in the layers; free the copies and caches before the save
+        del masks  # the masks live in the layers; free the cached mask tensors before the save
         for _, layer in sparse_layers(model):
             layer.drop_mask_cache()
         trim_heap()

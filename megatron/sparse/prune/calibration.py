@@ -152,19 +152,21 @@ def peak_memory_mib() -> float:
 def prune_model(model: torch.nn.Module, tokens: torch.Tensor, *, method: str,
                 update_weight: bool = False, micro_batch_size: int = 4, block_size: int = 128,
                 percdamp: float = 0.01, full_row_hessian: bool = True,
-                log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+                return_masks: bool = True,
+                log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor | None]:
     """2:4-prune every sparse linear of a GPTModel, layer by layer, on ``[n, L]`` tokens.
 
     Masks become the layers' fixed 2:4 choices (see :mod:`megatron.sparse.prune.apply`); with
     ``update_weight`` (SparseGPT) the compensated weights replace the layer weights. Masking is
-    enabled on return. Returns ``{layer name: local boolean mask}``.
+    enabled on return. Returns ``{layer name: local boolean mask}``; ``return_masks=False`` maps
+    the names to None instead (the masks stay only in the layers: one boolean per weight less).
     """
     check_method(method, update_weight)
     log = log or (lambda msg: None)
     model.eval()
     set_mask_state(model, enabled=False)
     layers = list(model.decoder.layers)
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor | None] = {}
     needs_data = method != "magnitude"
     hidden: list[torch.Tensor] = []
     attn_mask = rope = None
@@ -206,9 +208,11 @@ def prune_model(model: torch.nn.Module, tokens: torch.Tensor, *, method: str,
                 for handle in handles:
                     handle.remove()
         for name, lin in linears:
-            masks[f"decoder.layers.{index}.{name}"] = prune_linear(
+            mask = prune_linear(
                 lin, stats.get(name), method=method, update_weight=update_weight,
                 block_size=block_size, percdamp=percdamp, full_row_hessian=full_row_hessian)
+            masks[f"decoder.layers.{index}.{name}"] = mask if return_masks else None
+            del mask
         del stats  # frees this layer's Hessians before the next layer's are accumulated
         if needs_data and index + 1 < len(layers):
             # with update_weight the pruned entries are already 0 in the weights, so the dense
