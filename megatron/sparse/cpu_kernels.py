@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import platform
-import warnings
 
 import torch
 
@@ -43,14 +41,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (PyTorch fallback) with one warning saying why."""
-    if os.environ.get(ENV_SWITCH, "auto") == "torch":
-        return None
-    try:
-        return _bind(native.build_library(SOURCE, cache_name="mask-kernel"))
-    except native.BuildError as err:
-        warnings.warn(f"could not build the CPU mask kernel ({err}); the 2:4 mask runs on the "
-                      f"slower PyTorch path", stacklevel=2)
-        return None
+    return native.load_kernel(SOURCE, cache_name="mask-kernel", env_switch=ENV_SWITCH,
+                              bind=_bind, what="CPU mask kernel",
+                              fallback="the 2:4 mask runs on the slower PyTorch path")
 
 
 def supports(*tensors: torch.Tensor) -> bool:

@@ -16,7 +16,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
 from megatron.sparse import cache
 
@@ -82,3 +84,20 @@ def build_library(source: Path, *, cache_name: str, flag_sets=FLAG_SETS) -> ctyp
         return ctypes.CDLL(str(entry / name))
     except OSError as err:
         raise BuildError(str(err)) from None
+
+
+def load_kernel(source: Path, *, cache_name: str, env_switch: str,
+                bind: Callable[[ctypes.CDLL], ctypes.CDLL], what: str,
+                fallback: str) -> ctypes.CDLL | None:
+    """The bound library built from ``source``, or None for the caller's fallback path.
+
+    None when ``$env_switch`` is ``torch``, or when the build fails: then one warning says
+    ``could not build the {what} (<why>); {fallback}``.
+    """
+    if os.environ.get(env_switch, "auto") == "torch":
+        return None
+    try:
+        return bind(build_library(source, cache_name=cache_name))
+    except BuildError as err:
+        warnings.warn(f"could not build the {what} ({err}); {fallback}", stacklevel=3)
+        return None

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import warnings
 
 import torch
 
@@ -42,14 +40,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None (dense fallback) with one warning saying why."""
-    if os.environ.get(ENV_SWITCH, "auto") == "torch":
-        return None
-    try:
-        return _bind(native.build_library(SOURCE, cache_name="sparse24-kernel"))
-    except native.BuildError as err:
-        warnings.warn(f"could not build the CPU 2:4 matmul kernel ({err}); sparse linears run "
-                      f"as dense matmuls", stacklevel=2)
-        return None
+    return native.load_kernel(SOURCE, cache_name="sparse24-kernel", env_switch=ENV_SWITCH,
+                              bind=_bind, what="CPU 2:4 matmul kernel",
+                              fallback="sparse linears run as dense matmuls")
 
 
 def supports(packed: Compressed24, x: torch.Tensor) -> bool:
