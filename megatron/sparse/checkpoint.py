@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from megatron.sparse import mask as mask_ops
+from megatron.sparse.heap import trim_heap
 from megatron.sparse.layers import (
     MASK_TENSORS,
     is_mask_key,
@@ -38,7 +39,6 @@ from megatron.sparse.layers import (
     sparse_layers,
     staged_masks,
 )
-from megatron.sparse.heap import trim_heap
 from megatron.sparse.model import LlamaArgs
 
 ARGS_FILE = "model_args.json"
@@ -224,8 +224,6 @@ def load_into(root: str | Path, model: torch.nn.Module, *, iteration: int | None
             _merge_in_place(value)
     if extra_sharded:
         state.update(extra_sharded)
-    # the sharded tensors hold the model's own tensors, which dist_checkpointing fills in place;
-    # only what came back in other storage (none for our layers) is copied in afterwards
     loaded = dist_checkpointing.load(state, str(path))
     model_state = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
     own = model.state_dict(keep_vars=True)
@@ -238,7 +236,8 @@ def load_into(root: str | Path, model: torch.nn.Module, *, iteration: int | None
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
                                f"unexpected {unexpected}")
-    # tensors dist_checkpointing filled in place are skipped; the rest are copied in
+    # the sharded tensors are the model's own, filled in place by dist_checkpointing; only what
+    # came back in other storage is copied in
     model.load_state_dict({k: v for k, v in model_state.items()
                            if not _same_storage(v, own.get(k))}, strict=False)
     return {k: v for k, v in loaded.items() if not k.startswith("model.")}
