@@ -31,12 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TOOLS = ROOT / "tools"
 BASELINE = "import torch, megatron.core, transformers"
-# Data preparation of the tools that tokenise the embedded corpus, measured on its own: the
-# estimate models what the tool holds for the model; .bin/.idx inputs at scale are memory-mapped.
-CALIB_DATA = ("import sys; sys.path.insert(0, {root!r}); " + BASELINE + "; "
-              "from megatron.sparse.prune.data import calibration_windows; "
-              "calibration_windows('embedded', tokenizer_spec='embedded', seq_length={s}, "
-              "num_samples={n}, vocab_size=49152)")
+# Evaluation on `--data embedded` tokenises the held-out text in process: measured on its own and
+# subtracted (data preparation, not model memory). SparseGPT calibrates on the memory-mapped
+# .bin/.idx training split, as it would at scale.
 EVAL_DATA = ("import sys; sys.path.insert(0, {root!r}); " + BASELINE + "; "
              "from megatron.sparse.data.tokenizer import load_tokenizer; "
              "from megatron.sparse.eval.datasets import eval_windows; "
@@ -80,10 +77,8 @@ def main() -> None:
     if not (data.with_suffix(".idx")).exists():
         subprocess.run(tool("preprocess_data", "--input", "embedded-train", "--tokenizer",
                             "embedded", "--out", data), check=True, capture_output=True)
-    calib = CALIB_DATA.format(root=str(ROOT), s=s, n=ns.calib_samples)
     runs = [
         ("baseline", [sys.executable, "-c", BASELINE], None),
-        ("calibration data", [sys.executable, "-c", calib], None),
         ("eval data", [sys.executable, "-c", EVAL_DATA.format(root=str(ROOT), s=s)], None),
         ("convert", tool("convert_hf_to_megatron", "--hf", "embedded", "--tp", 1, "--out", dense,
                          "--overwrite"), dict(tool="convert", source_copies=2)),
@@ -91,7 +86,7 @@ def main() -> None:
                                  "--seq-length", s, "--save", mag),
          dict(tool="prune", prune_method="magnitude")),
         ("prune sparsegpt", tool("prune_oneshot", "--load", dense, "--method", "sparsegpt",
-                                 "--calib-data", "embedded", "--calib-samples", ns.calib_samples,
+                                 "--calib-data", data, "--calib-samples", ns.calib_samples,
                                  "--seq-length", s, "--micro-batch-size", 4, "--save", sgpt),
          dict(tool="prune", prune_method="sparsegpt", calib_samples=ns.calib_samples,
               prune_micro_batch=4)),
@@ -108,7 +103,7 @@ def main() -> None:
     if ns.only:
         keep = set(ns.only.split(","))
         runs = [r for r in runs if r[2] is None or r[0].split()[-1] in keep]
-    data_of = {"prune sparsegpt": "calibration data", "eval": "eval data"}
+    data_of = {"eval": "eval data"}
     measured: dict[str, tuple[int, float]] = {}
     for label, cmd, _ in runs:
         for old in (mag, sgpt):

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'embedded' or the prefix of a tokenized .bin/.idx dataset (not needed "
                         "for magnitude)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seq-length", type=int, required=True, help="calibration sequence length")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="calibration sequence length (not needed for magnitude)")
     p.add_argument("--save", required=True, help="output checkpoint directory")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size (default: the number of torchrun ranks)")
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     check_method(ns.method, ns.update_weight)
     if ns.method != "magnitude" and not ns.calib_data:
         raise ValueError(f"--method {ns.method} needs --calib-data (PREFIX or embedded)")
+    if ns.method != "magnitude" and not ns.seq_length:
+        raise ValueError(f"--method {ns.method} needs --seq-length (the calibration length)")
     if os.path.abspath(ns.save) == os.path.abspath(ns.load):
         raise ValueError("--save must differ from --load (the dense checkpoint stays untouched)")
     meta = ckpt.read_checkpoint_meta(ns.load)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             windows = calibration_windows(ns.calib_data, tokenizer_spec=meta.get("tokenizer"),
                                           seq_length=ns.seq_length, num_samples=ns.calib_samples,
                                           vocab_size=args.vocab_size)
-        if ns.seq_length > args.max_position_embeddings:
+        if ns.seq_length and ns.seq_length > args.max_position_embeddings:
             raise ValueError(f"--seq-length {ns.seq_length} exceeds the model's "
                              f"max_position_embeddings ({args.max_position_embeddings})")
         from megatron.sparse.compat import default_device
