@@ -281,7 +281,8 @@ def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool =
     format_version(meta)  # a newer format is a one-line error before anything is built
     args = LlamaArgs.from_dict(meta["model"])
     kind = mask_kind or inference_mask_kind(meta)
-    model = args.build(sparse=sparse, mask_kind=kind, params_dtype=params_dtype, device=device)
+    model = args.build(sparse=sparse, mask_kind=kind, params_dtype=params_dtype, device=device,
+                       initialize=False)  # the load fills every weight
     load_into(root, model, iteration=iteration, masks=False)
     if with_masks:
         load_masks(root, model, iteration=iteration)

@@ -138,8 +138,12 @@ class LlamaArgs:
             raise ValueError(f"unsupported rope_scaling {self.rope_scaling}; only rope_type "
                              f"'llama3' is supported")
 
-    def transformer_config(self, *, tp_size: int, params_dtype: torch.dtype) -> TransformerConfig:
-        """The megatron-core TransformerConfig of this model (no fusions, CPU-safe)."""
+    def transformer_config(self, *, tp_size: int, params_dtype: torch.dtype,
+                           initialize: bool = True) -> TransformerConfig:
+        """The megatron-core TransformerConfig of this model (no fusions, CPU-safe).
+
+        ``initialize=False`` skips the random weight init (the caller fills every weight).
+        """
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -162,6 +166,7 @@ class LlamaArgs:
             persist_layer_norm=False,
             gradient_accumulation_fusion=False,
             use_cpu_initialization=True,
+            perform_initialization=initialize,
             tensor_model_parallel_size=tp_size,
             params_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
@@ -171,18 +176,21 @@ class LlamaArgs:
 
     def build(self, *, sparse: bool = True, mask_kind: str = "logits",
               params_dtype: torch.dtype = torch.float32,
-              device: torch.device | str | None = None) -> GPTModel:
+              device: torch.device | str | None = None, initialize: bool = True) -> GPTModel:
         """Build the GPTModel for the current TP group (``sparse=False``: dense baseline).
 
         ``mask_kind`` is the sparse layers' mask: ``"logits"`` (learnable, the trainer's),
         ``"fixed"`` (one-shot or imported 2:4 choices) or ``"dense"`` (no mask tensor).
         :func:`megatron.sparse.checkpoint.load_model` picks it from the checkpoint.
+        ``initialize=False`` leaves the weights uninitialised, for a caller that loads them all
+        (a checkpoint load or a conversion): it saves the random init of every weight.
         """
         check_mask_kind(mask_kind)
         tp_size = (parallel_state.get_tensor_model_parallel_world_size()
                    if parallel_state.model_parallel_is_initialized() else 1)
         self.validate(tp_size)
-        config = self.transformer_config(tp_size=tp_size, params_dtype=params_dtype)
+        config = self.transformer_config(tp_size=tp_size, params_dtype=params_dtype,
+                                         initialize=initialize)
         spec = llama_layer_spec(mask_kind=mask_kind) if sparse else llama_layer_spec(
             column_linear=ColumnParallelLinear, row_linear=RowParallelLinear, mlp=MLP)
         # megatron logs "Unknown MLP type" for any MLP subclass; SparseMLP resolves its TP group

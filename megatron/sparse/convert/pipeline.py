@@ -54,7 +54,8 @@ def convert_hf_to_megatron(hf: str, out: str | Path, *, tp: int, overwrite: bool
     args.validate(tp)
     state = hf_to_megatron(source.state, args)
     log(f"building the megatron model ({args.num_layers} layers, hidden {args.hidden_size})")
-    model = args.build(mask_kind="dense", params_dtype=_params_dtype(source.state))
+    model = args.build(mask_kind="dense", params_dtype=_params_dtype(source.state),
+                       initialize=False)  # every weight comes from the source
     result = model.load_state_dict(state, strict=False)
     unexpected = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if unexpected or result.unexpected_keys:
