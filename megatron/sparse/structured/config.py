@@ -27,8 +27,10 @@ class StructConfig:
     """Masks sampled per step on the same batch (K)."""
     lr: float = 0.05
     """Peak learning rate of the plain SGD update on the probabilities (cosine decay)."""
-    min_lr: float = 0.0
-    """Learning rate at the last step."""
+    heads_lr: float | None = None
+    """Peak learning rate of the KV-group pool (default: --lr); few, high-impact units."""
+    min_lr_fraction: float = 0.0
+    """Learning rate at the last step, as a fraction of the peak (cosine decay)."""
     estimator: str = "normalized"
     """Gradient estimate: normalized ((m-s)/sqrt(s(1-s)), public code) or score ((m-s)/(s(1-s)))."""
     baseline_alpha: float = 0.2

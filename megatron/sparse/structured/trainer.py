@@ -106,8 +106,11 @@ class StructuredLearner:
             history_path=str(save / HISTORY_FILE) if save else None, wandb_project=None,
             config=cfg.to_dict())
 
-    def lr(self, step: int) -> float:
-        return warmup_cosine(step, peak=self.cfg.lr, minimum=self.cfg.min_lr, warmup=0,
+    def lr(self, step: int, pool: str = "channels") -> float:
+        peak = self.cfg.lr
+        if pool == "kv_groups" and self.cfg.heads_lr is not None:
+            peak = self.cfg.heads_lr
+        return warmup_cosine(step, peak=peak, minimum=self.cfg.min_lr_fraction * peak, warmup=0,
                              total=self.cfg.steps)
 
     def sample_losses(self, step: int, tokens: torch.Tensor, labels: torch.Tensor):
@@ -130,7 +133,6 @@ class StructuredLearner:
     def update(self, step: int, masks: list[UnitMasks], losses: torch.Tensor) -> float:
         """Baseline, estimate, SGD step and projection; returns the baseline used."""
         delta = self.baseline.update(float(losses.mean()))
-        lr = self.lr(step)
         stacked = {"kv_groups": torch.stack([m.kv_groups for m in masks]),
                    "channels": torch.stack([m.channels for m in masks]),
                    "blocks": torch.stack([torch.stack([m.attention, m.mlp], 1) for m in masks])}
@@ -140,7 +142,7 @@ class StructuredLearner:
                 continue
             s = getattr(self.probs, name)
             g = policy_gradient(losses, stacked[name], s, delta, estimator=self.cfg.estimator)
-            setattr(self.probs, name, s - lr * g)
+            setattr(self.probs, name, s - self.lr(step, name) * g)
         self.probs.project(self.args, self.budget)
         return delta
 
