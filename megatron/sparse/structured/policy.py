@@ -55,6 +55,10 @@ class Budget:
             raise ValueError(f"--keep-ratio must be in (0, 1], got {self.keep_ratio}")
         if not 0.0 < self.block_keep <= 1.0:
             raise ValueError(f"--block-keep must be in (0, 1], got {self.block_keep}")
+        if "blocks" in self.units and self.keep_ratio > self.block_keep:
+            raise ValueError(f"--keep-ratio {self.keep_ratio} exceeds --block-keep "
+                             f"{self.block_keep}: the kept blocks could not hold the budget; "
+                             f"raise --block-keep")
         if self.channel_multiple < 1 or self.group_multiple < 1:
             raise ValueError("--channel-multiple and --group-multiple must be >= 1")
 

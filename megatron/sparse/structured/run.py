@@ -123,8 +123,8 @@ def _learn(model, args, cfg, budget, meta, resumed) -> UnitMasks:
             probs = wanda_sp_probs(model, args, windows, budget)
         else:
             probs = KeepProbs.uniform(args, budget)
-        if save:
-            save_state(save / STATE_FILE, probs, MovingBaseline(cfg.baseline_alpha), 0, cfg)
+        if cfg.save:
+            save_state(Path(cfg.save) / STATE_FILE, probs, MovingBaseline(cfg.baseline_alpha), 0, cfg)
     if cfg.steps > step:
         from megatron.sparse.train.data import TrainBatches
 
