@@ -33,8 +33,11 @@ class StructConfig:
     """Learning rate at the last step, as a fraction of the peak (cosine decay)."""
     estimator: str = "normalized"
     """Gradient estimate: normalized ((m-s)/sqrt(s(1-s)), public code) or score ((m-s)/(s(1-s)))."""
+    baseline: str = "moving"
+    """Loss baseline: moving (moving average over steps, the public code's) or batch (the mean of
+    this step's K losses on the same batch: with the 1/(K-1) factor, the leave-one-out estimate)."""
     baseline_alpha: float = 0.2
-    """Moving-average rate of the loss baseline."""
+    """Moving-average rate of the moving baseline."""
     seq_length: int = 128
     """Tokens per learning sequence."""
     batch_size: int = 8

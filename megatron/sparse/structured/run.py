@@ -33,6 +33,8 @@ def check_config(cfg: StructConfig) -> Budget:
                     group_multiple=cfg.group_multiple)
     check_init(cfg.init)
     check_estimator(cfg.estimator)
+    if cfg.baseline not in ("moving", "batch"):
+        raise ValueError(f"unknown --baseline {cfg.baseline!r}; choose moving or batch")
     if cfg.steps < 0 or cfg.samples_per_step < 1 or cfg.batch_size < 1:
         raise ValueError("--steps must be >= 0, --samples-per-step and --batch-size >= 1")
     if cfg.steps > 0 and cfg.calib_data == "embedded":
@@ -124,7 +126,8 @@ def _learn(model, args, cfg, budget, meta, resumed) -> UnitMasks:
         else:
             probs = KeepProbs.uniform(args, budget)
         if cfg.save:
-            save_state(Path(cfg.save) / STATE_FILE, probs, MovingBaseline(cfg.baseline_alpha), 0, cfg)
+            save_state(Path(cfg.save) / STATE_FILE, probs, MovingBaseline(cfg.baseline_alpha), 0,
+                       cfg)
     if cfg.steps > step:
         from megatron.sparse.train.data import TrainBatches
 

@@ -133,6 +133,8 @@ class StructuredLearner:
     def update(self, step: int, masks: list[UnitMasks], losses: torch.Tensor) -> float:
         """Baseline, estimate, SGD step and projection; returns the baseline used."""
         delta = self.baseline.update(float(losses.mean()))
+        if self.cfg.baseline == "batch":
+            delta = float(losses.mean())
         stacked = {"kv_groups": torch.stack([m.kv_groups for m in masks]),
                    "channels": torch.stack([m.channels for m in masks]),
                    "blocks": torch.stack([torch.stack([m.attention, m.mlp], 1) for m in masks])}
