@@ -100,6 +100,13 @@ def _diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def _logits_here(root, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of a checkpoint at TP 1 in this process (its masks, if any, applied)."""
+    with parallel.distributed(1), torch.no_grad():
+        model, _ = checkpoint.load_model(root)
+        return model_forward(model.eval(), tokens)
+
+
 def test_sliced_matches_masked_transformers_at_tp1(tmp_path):
     """Channels (a width 2:4 cannot group: dense linears), 3 of 4 KV groups, a removed attention
     block, a removed MLP, and an attention block whose every group is pruned."""
@@ -113,8 +120,7 @@ def test_sliced_matches_masked_transformers_at_tp1(tmp_path):
         [(3, 37), (0, 96), (0, 0), (2, 0)]
     tokens = torch.randint(0, 128, (2, 24), generator=gen)
     expected = _masked_hf_logits(hf, masks, tokens)
-    got = run_distributed(_megatron_logits, 1, str(sliced), tokens)
-    assert _diff(got, expected) <= TOL
+    assert _diff(_logits_here(sliced, tokens), expected) <= TOL
     # the masks matter: the unmasked model is far away
     with torch.no_grad():
         assert _diff(hf(tokens).logits, expected) > 1e-2
@@ -206,10 +212,7 @@ def test_magnitude_prune_and_export_on_sliced_model(tp2_model, tmp_path):
     tokens = torch.randint(0, 128, (2, 16), generator=gen)
     with torch.no_grad():
         got = exported(tokens).logits
-    with parallel.distributed(1), torch.no_grad():
-        model, _ = checkpoint.load_model(pruned)  # the checkpoint's fixed 2:4 masks applied
-        expected = model_forward(model.eval(), tokens)
-    assert _diff(got, expected) <= TOL
+    assert _diff(got, _logits_here(pruned, tokens)) <= TOL
 
 
 def test_bad_inputs(tp2_model, tmp_path):
@@ -227,3 +230,28 @@ def test_bad_inputs(tp2_model, tmp_path):
             slice_checkpoint(sliced, masks, tmp_path / "y")
         with pytest.raises(ValueError, match="new directory"):
             slice_checkpoint(dense, masks, dense)
+
+
+EMBEDDED_SHAPE = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                      intermediate_size=1536, num_hidden_layers=3, vocab_size=384)
+
+
+@pytest.mark.slow
+def test_embedded_shape_kv_groups_at_tp1_and_blocks_channels_at_tp3(tmp_path):
+    """The embedded model's shapes (9 heads, 3 KV groups): KV-group pruning can only be sharded
+    at TP 1 (2 or 1 of 3 groups), so it is checked there; at TP 3 every layer keeps all 3 or no
+    groups, and channels in multiples of 3 * 4 (2:4 per rank)."""
+    gen = torch.Generator().manual_seed(3)
+    hf = _hf_model(3, **EMBEDDED_SHAPE)
+    tokens = torch.randint(0, 384, (1, 20), generator=gen)
+    kv = _masks(hf.config, gen, groups=[2, 1, 3], channels=[1000, 1536, 7],
+                attention=[True] * 3, mlp=[True] * 3)
+    sliced = _convert_and_slice(hf, kv, tmp_path / "kv")
+    assert valid_tp_sizes(checkpoint.read_model_args(sliced), two_four=False) == [1]
+    assert _diff(_logits_here(sliced, tokens), _masked_hf_logits(hf, kv, tokens)) <= TOL
+    blocks = _masks(hf.config, gen, groups=[3, 3, 3], channels=[1200, 612, 1536],
+                    attention=[True, False, True], mlp=[True, True, False])
+    sliced = _convert_and_slice(hf, blocks, tmp_path / "blocks")
+    assert 3 in valid_tp_sizes(checkpoint.read_model_args(sliced))
+    got = run_distributed(_megatron_logits, 3, str(sliced), tokens)
+    assert _diff(got, _masked_hf_logits(hf, blocks, tokens)) <= TOL
