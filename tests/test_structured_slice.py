@@ -255,3 +255,24 @@ def test_embedded_shape_kv_groups_at_tp1_and_blocks_channels_at_tp3(tmp_path):
     assert 3 in valid_tp_sizes(checkpoint.read_model_args(sliced))
     got = run_distributed(_megatron_logits, 3, str(sliced), tokens)
     assert _diff(got, _masked_hf_logits(hf, blocks, tokens)) <= TOL
+
+
+@pytest.mark.slow
+def test_sliced_model_prunes_at_tp2_like_tp1(tp2_model, tmp_path):
+    """The sliced checkpoint loads, prunes and saves at TP 2 (torchrun), and that checkpoint
+    loads at TP 1: magnitude 2:4 is TP-invariant, so both exports are identical."""
+    from safetensors.torch import load_file
+
+    from tests.tools import run_tool
+
+    hf, masks, sliced, gen = tp2_model
+    for tp in (1, 2):
+        pruned = tmp_path / f"pruned{tp}"
+        result = run_tool("prune_oneshot", "--load", sliced, "--method", "magnitude",
+                          "--seq-length", 16, "--save", pruned, nproc=tp)
+        assert result.returncode == 0, result.stderr
+        result = run_tool_in_process("export_hf", "--load", pruned, "--out", tmp_path / f"hf{tp}")
+        assert result.returncode == 0, result.stderr
+    one, two = (load_file(str(tmp_path / f"hf{tp}" / "model.safetensors")) for tp in (1, 2))
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
