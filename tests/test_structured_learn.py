@@ -204,3 +204,76 @@ def test_unit_masks_round_trip(tmp_path):
     back = UnitMasks.load(tmp_path / "m.npz", args)
     assert all(torch.equal(getattr(masks, f), getattr(back, f))
                for f in ("kv_groups", "channels", "attention", "mlp"))
+
+
+# -- the tool ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    from tests.train_fixtures import tiny_checkpoint, write_tokens
+
+    root = tmp_path_factory.mktemp("structured")
+    write_tokens(str(root / "tokens"), docs=40, doc_len=64, vocab=256)
+    return tiny_checkpoint(str(root / "dense")), str(root / "tokens")
+
+
+@pytest.mark.slow
+def test_tool_learns_resumes_and_writes_the_sliced_checkpoint(tiny_run_inputs, tmp_path):
+    import json
+
+    from megatron.sparse.checkpoint import read_checkpoint_meta
+    from megatron.sparse.structured.trainer import STATE_FILE
+    from tests.tools import run_tool_in_process
+
+    dense, tokens = tiny_run_inputs
+    out = tmp_path / "out"
+    common = ["--load", dense, "--calib-data", tokens, "--keep-ratio", 0.7, "--units",
+              "channels,heads", "--seq-length", 16, "--batch-size", 2, "--calib-samples", 4,
+              "--calib-seq-length", 16, "--channel-multiple", 8, "--save", out]
+    res = run_tool_in_process("prune_structured", *common, "--steps", 2)
+    assert res.returncode == 0, res.stderr
+    assert "step 2/2" in res.stdout and "ETA" in res.stdout
+    res = run_tool_in_process("prune_structured", *common, "--steps", 3)
+    assert res.returncode == 0, res.stderr
+    assert "resumed at step 2" in res.stdout and "step 3/3" in res.stdout
+    assert torch.load(out / STATE_FILE, weights_only=True)["step"] == 3
+    info = json.loads((out / "structured.json").read_text())
+    args = tiny_gqa()
+    masks = UnitMasks.load(out / "unit_masks.npz", args)
+    assert info["kept_parameters"] == masks.kept_parameters(args)
+    assert 0 <= 0.7 * full_parameters(args) - info["kept_parameters"] < 8 * 3 * args.hidden_size
+    structure = read_checkpoint_meta(out)["structure"]
+    assert structure["channels_per_layer"] == info["channels_per_layer"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-ratio", 1.5], "--keep-ratio must be in (0, 1]"),
+    (["--units", "channels,rows"], "unknown unit"),
+    (["--init", "magic"], "unknown --init"),
+])
+def test_tool_bad_inputs_are_one_line_errors(tmp_path, flags, message):
+    from tests.tools import run_tool_in_process
+
+    args = {"--load": tmp_path / "dense", "--calib-data": tmp_path / "tokens", "--keep-ratio": 0.7,
+            "--save": tmp_path / "o", "--steps": 0}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        args[flag] = value
+    res = run_tool_in_process("prune_structured", *[x for kv in args.items() for x in kv])
+    assert res.returncode == 2 and message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_tool_refuses_a_checkpoint_of_another_model_to_resume(tmp_path):
+    from megatron.sparse.checkpoint import write_model_args
+    from tests.tools import run_tool_in_process
+
+    dense, tokens = tmp_path / "dense", tmp_path / "tokens"
+    write_model_args(dense, tiny_gqa())  # the model description is all this check reads
+    out = tmp_path / "o"
+    state = KeepProbs.uniform(tiny_gqa(intermediate_size=64),
+                              Budget(keep_ratio=0.7, units=("channels", "heads")))
+    out.mkdir()
+    torch.save({"probs": state.state_dict(), "baseline": None, "step": 1, "keep_ratio": 0.7,
+                "units": "channels,heads"}, out / "structured_state.pt")
+    res = run_tool_in_process("prune_structured", "--load", dense, "--calib-data", tokens,
+                              "--keep-ratio", 0.7, "--save", out, "--steps", 2)
+    assert res.returncode == 2 and "another model" in res.stderr

@@ -17,6 +17,8 @@ class StructConfig:
     """Fraction of the attention + MLP parameters to keep, in (0, 1]."""
     save: str | None = None
     """Output directory: unit masks, learning state (resumable), metrics, summary."""
+    slice: bool = True
+    """Also write the physically smaller (sliced) checkpoint into --save (needs a dense --load)."""
     units: str = "channels,heads"
     """Comma-separated pruned units: channels (MLP), heads (KV groups), blocks (whole blocks)."""
     init: str = "wanda-sp"

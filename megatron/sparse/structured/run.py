@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse import parallel
@@ -42,6 +41,10 @@ def check_config(cfg: StructConfig) -> Budget:
                          "(tools/preprocess_data.py), 'embedded' only works with --steps 0")
     if cfg.save and os.path.abspath(cfg.save) == os.path.abspath(cfg.load):
         raise ValueError("--save must differ from --load (the dense checkpoint stays untouched)")
+    save = Path(cfg.save) if cfg.save else None
+    if save and (save / "model_args.json").is_file() and not (save / STATE_FILE).is_file():
+        raise ValueError(f"--save {save} already holds a checkpoint that is not a structural "
+                         f"pruning run; pass a new directory")
     return budget
 
 
@@ -50,7 +53,8 @@ def summary(masks: UnitMasks, args: LlamaArgs, cfg: StructConfig) -> dict:
     full = full_parameters(args)
     return {"keep_ratio": cfg.keep_ratio, "units": cfg.units, "init": cfg.init,
             "steps": cfg.steps, "kept_parameters": kept, "full_parameters": full,
-            "kept_fraction": kept / full,
+            "kept_fraction": kept / full, "total_parameters": total_parameters(args, masks),
+            "dense_total_parameters": total_parameters(args, UnitMasks.full(args)),
             "kv_groups_per_layer": masks.kv_groups_per_layer().tolist(),
             "channels_per_layer": masks.channels_per_layer().tolist()}
 
@@ -98,15 +102,28 @@ def run_structured(cfg: StructConfig, *, tp: int, eval_masks: str | None = None)
                     f"{info['channels_per_layer']}"
                     + (f"; PPL {info['eval']['ppl']:.4f} on {cfg.eval_data}" if cfg.eval_data
                        else ""))
-        if save and parallel.is_main() and given is None:
-            masks.save(save / MASK_FILE)
-            tmp = save / (SUMMARY_FILE + ".tmp")
-            tmp.write_text(json.dumps(info, indent=2))
-            tmp.replace(save / SUMMARY_FILE)
-            print_rank0(f"saved {save / MASK_FILE}")
+        if save and given is None:
+            if parallel.is_main():
+                masks.save(save / MASK_FILE)
+            if cfg.slice:
+                from megatron.sparse.structured.slice import slice_checkpoint
+
+                slice_checkpoint(cfg.load, masks, save)
+            if parallel.is_main():
+                tmp = save / (SUMMARY_FILE + ".tmp")
+                tmp.write_text(json.dumps(info, indent=2))
+                tmp.replace(save / SUMMARY_FILE)
+            print_rank0(f"saved {save / MASK_FILE}" + (f" and the sliced checkpoint {save}"
+                                                             if cfg.slice else ""))
         return masks
     finally:
         parallel.shutdown()
+
+
+def total_parameters(args: LlamaArgs, masks: UnitMasks) -> int:
+    """Every parameter of the sliced model: kept layers + embeddings, final norm, output layer."""
+    outside = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
+    return masks.kept_parameters(args) + outside + args.hidden_size
 
 
 def _learn(model, args, cfg, budget, meta, resumed) -> UnitMasks:
