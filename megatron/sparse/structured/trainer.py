@@ -151,7 +151,7 @@ class StructuredLearner:
     def run(self) -> KeepProbs:
         cfg = self.cfg
         tokens_per_step = cfg.samples_per_step * cfg.batch_size * cfg.seq_length
-        start_step, t0 = self.step, time.perf_counter()
+        start_step, t0, cpu0 = self.step, time.perf_counter(), time.process_time()
         while self.step < cfg.steps:
             step = self.step
             t_step = time.perf_counter()
@@ -171,8 +171,8 @@ class StructuredLearner:
         self.masker.remove()
         self.metrics.close()
         if self.step > start_step:
-            print_rank0(f"learned {self.step - start_step} steps in "
-                        f"{time.perf_counter() - t0:.0f}s")
+            print_rank0(f"learned {self.step - start_step} steps in {time.perf_counter() - t0:.0f}s "
+                        f"({(time.process_time() - cpu0) / 60:.1f} CPU-minutes on rank 0)")
         return self.probs
 
     def kept_fraction(self) -> float:
