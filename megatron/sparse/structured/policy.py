@@ -78,7 +78,8 @@ class Budget:
         for name, f in frac.items():
             if f <= 0:
                 raise ValueError(f"--keep-ratio {self.keep_ratio} cannot be met by pruning "
-                                 f"{' and '.join(self.units)} alone; add more --units or raise --keep-ratio")
+                                 f"{' and '.join(self.units)} alone; add more --units or "
+                                 f"raise --keep-ratio")
         return frac
 
 
@@ -163,7 +164,8 @@ class KeepProbs:
     def from_state_dict(cls, state: dict[str, torch.Tensor], args: LlamaArgs) -> "KeepProbs":
         probs = cls(**{name: state[name].float() for name in POOLS})
         want = {"kv_groups": (args.num_layers, args.num_key_value_heads),
-                "channels": (args.num_layers, args.intermediate_size), "blocks": (args.num_layers, 2)}
+                "channels": (args.num_layers, args.intermediate_size),
+                "blocks": (args.num_layers, 2)}
         for name, shape in want.items():
             if tuple(getattr(probs, name).shape) != shape:
                 raise ValueError(f"the saved keep-probabilities '{name}' have shape "

@@ -161,7 +161,8 @@ class StructuredLearner:
             self.step += 1
             elapsed = time.perf_counter() - t_step
             values = {"loss": float(losses.mean()), "baseline": delta, "lr": self.lr(step),
-                      "kept_fraction": self.kept_fraction(), "tokens_per_s": tokens_per_step / elapsed,
+                      "kept_fraction": self.kept_fraction(),
+                      "tokens_per_s": tokens_per_step / elapsed,
                       "loss_spread": float(losses.max() - losses.min())}
             self.metrics.scalars(self.step, values)
             if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
@@ -171,8 +172,9 @@ class StructuredLearner:
         self.masker.remove()
         self.metrics.close()
         if self.step > start_step:
-            print_rank0(f"learned {self.step - start_step} steps in {time.perf_counter() - t0:.0f}s "
-                        f"({(time.process_time() - cpu0) / 60:.1f} CPU-minutes on rank 0)")
+            print_rank0(f"learned {self.step - start_step} steps in "
+                        f"{time.perf_counter() - t0:.0f}s ({(time.process_time() - cpu0) / 60:.1f} "
+                        f"CPU-minutes on rank 0)")
         return self.probs
 
     def kept_fraction(self) -> float:

@@ -31,7 +31,7 @@ class UnitMasks:
     """Keep (True) / remove (False) flags of every structural unit of a model."""
 
     kv_groups: torch.Tensor
-    """bool ``[num_layers, num_key_value_heads]``: keep this KV group (KV head + its query heads)."""
+    """bool ``[num_layers, num_key_value_heads]``: keep this KV group (KV head + query heads)."""
     channels: torch.Tensor
     """bool ``[num_layers, intermediate_size]``: keep this MLP intermediate channel."""
     attention: torch.Tensor
