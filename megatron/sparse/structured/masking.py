@@ -71,7 +71,7 @@ class UnitMasker:
 
     def set_scales(self, *, kv_groups: torch.Tensor, channels: torch.Tensor,
                    attention: torch.Tensor, mlp: torch.Tensor) -> None:
-        """Like :meth:`set`, from ``[L, G]``, ``[L, F]``, ``[L]``, ``[L]`` tensors (bool or float)."""
+        """Like :meth:`set`, from ``[L, G]``, ``[L, F]``, ``[L]``, ``[L]`` tensors (bool/float)."""
         groups = kv_groups[:, self._groups].float() * attention.float()[:, None]
         self._attn = groups.repeat_interleave(self._width, dim=1)
         self._mlp = channels[:, self._channels].float() * mlp.float()[:, None]
