@@ -23,26 +23,26 @@ class StructConfig:
     """Comma-separated pruned units: channels (MLP), heads (KV groups), blocks (whole blocks)."""
     init: str = "wanda-sp"
     """Initial keep-probabilities: wanda-sp (structured Wanda metric) or uniform."""
-    steps: int = 100
+    steps: int = 60
     """Policy-gradient steps; 0 keeps the init (metric-only baseline)."""
     samples_per_step: int = 2
     """Masks sampled per step on the same batch (K)."""
-    lr: float = 0.05
+    lr: float = 0.02
     """Peak learning rate of the plain SGD update on the probabilities (cosine decay)."""
-    heads_lr: float | None = None
-    """Peak learning rate of the KV-group pool (default: --lr); few, high-impact units."""
+    heads_lr: float | None = 0.3
+    """Peak learning rate of the KV-group pool (None: --lr); few units with large effects."""
     min_lr_fraction: float = 0.0
     """Learning rate at the last step, as a fraction of the peak (cosine decay)."""
     estimator: str = "normalized"
     """Gradient estimate: normalized ((m-s)/sqrt(s(1-s)), public code) or score ((m-s)/(s(1-s)))."""
-    baseline: str = "moving"
-    """Loss baseline: moving (moving average over steps, the public code's) or batch (the mean of
-    this step's K losses on the same batch: with the 1/(K-1) factor, the leave-one-out estimate)."""
+    baseline: str = "batch"
+    """Loss baseline: batch (the mean of this step's K losses on the same batch; with the 1/(K-1)
+    factor the leave-one-out estimate) or moving (moving average over steps, the public code's)."""
     baseline_alpha: float = 0.2
     """Moving-average rate of the moving baseline."""
     seq_length: int = 128
     """Tokens per learning sequence."""
-    batch_size: int = 8
+    batch_size: int = 4
     """Sequences per step (shared by the K samples)."""
     micro_batch_size: int = 4
     """Sequences per forward pass."""
