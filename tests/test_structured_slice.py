@@ -140,6 +140,7 @@ def tp2_model(tmp_path_factory):
     return hf, masks, _convert_and_slice(hf, masks, root), gen
 
 
+@pytest.mark.slow
 def test_sliced_matches_masked_transformers_at_tp2(tp2_model):
     hf, masks, sliced, gen = tp2_model
     args = checkpoint.read_model_args(sliced)
