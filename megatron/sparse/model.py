@@ -75,6 +75,13 @@ class LlamaArgs:
     def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaArgs":
         """Read a HF ``config.json`` dict of a LLaMA-architecture model."""
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type") == "sliced_llama":  # our per-layer export (structured/)
+            from megatron.sparse.structured.hf_export import megatron_block_configs
+
+            plain = {k: v for k, v in cfg.items() if k not in ("block_configs", "auto_map")}
+            return cls.from_hf_config(plain | {"model_type": "llama",
+                                               "architectures": ["LlamaForCausalLM"]}).with_blocks(
+                megatron_block_configs(cfg))
         if cfg.get("model_type", "llama") != "llama" or archs[0] != "LlamaForCausalLM":
             raise ValueError(f"unsupported architecture {archs[0]} (model_type "
                              f"{cfg.get('model_type')!r}); only LlamaForCausalLM is supported")
@@ -103,6 +110,10 @@ class LlamaArgs:
             head_dim=cfg.get("head_dim"),
             extra={k: v for k, v in cfg.items() if k not in known and k != "rope_parameters"},
         )
+
+    def with_blocks(self, block_configs: list[dict[str, Any]] | None) -> "LlamaArgs":
+        """A copy with per-layer sizes (see :mod:`megatron.sparse.structured.hetero`)."""
+        return LlamaArgs.from_dict(self.to_dict() | {"block_configs": block_configs})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
