@@ -166,7 +166,8 @@ def test_tp2_gives_the_masks_losses_and_init_of_tp1():
         full_state = args.build(sparse=False).state_dict()
     full_state = {k: v for k, v in full_state.items() if v is not None and "_extra_state" not in k}
     tokens = torch.randint(0, args.vocab_size, (4, 16), generator=torch.Generator().manual_seed(2))
-    one = run_distributed(_tp_losses, 1, full_state, tokens)
+    with parallel.distributed(1, seed=11):  # the unsharded reference, in this process
+        one = _tp_losses(full_state, tokens)
     two = run_distributed(_tp_losses, 2, full_state, tokens)
     assert torch.equal(one["masks"], two["masks"])
     # fp32 sums split over 2 ranks: differences at 1e-6 relative, far inside 1e-4
