@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = ckpt.read_checkpoint_meta(ns.load)
     args = LlamaArgs.from_dict(meta["model"])
     tp = ns.tp or int(os.environ.get("WORLD_SIZE", 1))
-    args.validate(tp)
+    args.validate(tp, two_four=True)
     parallel.initialize(tp)
     try:
         start = time.perf_counter()

@@ -120,6 +120,10 @@ def save_hf_checkpoint(out: str | Path, *, config: dict, state: dict[str, torch.
         cfg = {k: v for k, v in config.items() if k != "quantization_config"}
         cfg.setdefault("architectures", ["LlamaForCausalLM"])
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if cfg.get("model_type") == "sliced_llama":  # per-layer sizes: remote code beside
+            from megatron.sparse.structured.hf_export import write_remote_code
+
+            write_remote_code(tmp)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         if tokenizer:

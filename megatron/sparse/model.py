@@ -63,6 +63,9 @@ class LlamaArgs:
     """Per-head width; ``hidden_size // num_attention_heads`` when None."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other HF config fields, carried through conversion untouched."""
+    block_configs: list[dict[str, Any]] | None = None
+    """Per-layer sizes of a structurally sliced model (megatron-core ``block_configs`` entries,
+    see :mod:`megatron.sparse.structured.hetero`); None for a uniform model."""
 
     @property
     def kv_channels(self) -> int:
@@ -72,6 +75,13 @@ class LlamaArgs:
     def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaArgs":
         """Read a HF ``config.json`` dict of a LLaMA-architecture model."""
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type") == "sliced_llama":  # our per-layer export (structured/)
+            from megatron.sparse.structured.hf_export import megatron_block_configs
+
+            plain = {k: v for k, v in cfg.items() if k not in ("block_configs", "auto_map")}
+            return cls.from_hf_config(plain | {"model_type": "llama",
+                                               "architectures": ["LlamaForCausalLM"]}).with_blocks(
+                megatron_block_configs(cfg))
         if cfg.get("model_type", "llama") != "llama" or archs[0] != "LlamaForCausalLM":
             raise ValueError(f"unsupported architecture {archs[0]} (model_type "
                              f"{cfg.get('model_type')!r}); only LlamaForCausalLM is supported")
@@ -101,16 +111,27 @@ class LlamaArgs:
             extra={k: v for k, v in cfg.items() if k not in known and k != "rope_parameters"},
         )
 
+    def with_blocks(self, block_configs: list[dict[str, Any]] | None) -> "LlamaArgs":
+        """A copy with per-layer sizes (see :mod:`megatron.sparse.structured.hetero`)."""
+        return LlamaArgs.from_dict(self.to_dict() | {"block_configs": block_configs})
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["block_configs"] is None:  # uniform models keep the pre-slicing format
+            del d["block_configs"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaArgs":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def validate(self, tp_size: int) -> None:
-        """Raise a one-line ValueError if this model cannot be sharded over ``tp_size`` ranks."""
+    def validate(self, tp_size: int, *, two_four: bool | None = None) -> None:
+        """Raise a one-line ValueError if this model cannot be sharded over ``tp_size`` ranks.
+
+        ``two_four``: also require the 2:4 divisibility of every sparse linear's input per rank
+        (default: always for a uniform model, only when asked for a sliced one).
+        """
         checks = [
             ("attention heads", self.num_attention_heads),
             ("KV heads", self.num_key_value_heads),
@@ -119,6 +140,11 @@ class LlamaArgs:
         ]
         if tp_size < 1:
             raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
+        if self.block_configs:
+            from megatron.sparse.structured.hetero import validate_layers
+
+            checks = checks[3:]
+            validate_layers(self, tp_size, two_four=bool(two_four))
         for what, n in checks:
             if n % tp_size != 0:
                 raise ValueError(f"tensor-parallel size {tp_size} does not divide the {what} "
@@ -129,7 +155,8 @@ class LlamaArgs:
         for what, n in [("hidden size", self.hidden_size),
                         ("attention output per TP rank", self.num_attention_heads
                          * self.kv_channels // tp_size),
-                        ("FFN size per TP rank", self.intermediate_size // tp_size)]:
+                        ("FFN size per TP rank", self.intermediate_size // tp_size)][
+                            :1 if self.block_configs else 3]:
             if n % 4 != 0:
                 raise ValueError(f"the {what} ({n}) is not divisible by 4, as 2:4 sparsity needs; "
                                  f"choose another TP size")
@@ -188,11 +215,24 @@ class LlamaArgs:
         check_mask_kind(mask_kind)
         tp_size = (parallel_state.get_tensor_model_parallel_world_size()
                    if parallel_state.model_parallel_is_initialized() else 1)
-        self.validate(tp_size)
-        config = self.transformer_config(tp_size=tp_size, params_dtype=params_dtype,
-                                         initialize=initialize)
+        self.validate(tp_size, two_four=sparse and mask_kind != "dense")
+        if self.block_configs and mask_kind == "dense":
+            from megatron.sparse.structured.hetero import fits_two_four
+
+            # sliced widths that 2:4 cannot group: megatron's dense linears (the same tensors)
+            sparse = sparse and fits_two_four(self, tp_size)
         spec = llama_layer_spec(mask_kind=mask_kind) if sparse else llama_layer_spec(
             column_linear=ColumnParallelLinear, row_linear=RowParallelLinear, mlp=MLP)
+        if self.block_configs:  # a structurally sliced model: per-layer sizes
+            from megatron.sparse.structured import hetero
+
+            config = hetero.hetero_transformer_config(self, tp_size=tp_size,
+                                                      params_dtype=params_dtype,
+                                                      initialize=initialize)
+            spec = hetero.hetero_block_spec(spec, self)
+        else:
+            config = self.transformer_config(tp_size=tp_size, params_dtype=params_dtype,
+                                             initialize=initialize)
         # megatron logs "Unknown MLP type" for any MLP subclass; SparseMLP resolves its TP group
         # from parallel_state exactly like MLP does, so the message is noise here.
         layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")

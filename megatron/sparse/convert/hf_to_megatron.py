@@ -43,28 +43,43 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, to
     if not args.tie_word_embeddings:
         out["output_layer.weight"] = _take(hf, "lm_head.weight", (args.vocab_size, h))
     out.update(linears_to_megatron(hf, args))
-    for i in range(args.num_layers):
+    for i, (attn, mlp) in enumerate(_blocks(args)):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[dst + "input_layernorm.weight"] = _take(hf, src + "input_layernorm.weight", (h,))
-        out[dst + "pre_mlp_layernorm.weight"] = _take(
-            hf, src + "post_attention_layernorm.weight", (h,))
+        if attn:
+            out[dst + "input_layernorm.weight"] = _take(hf, src + "input_layernorm.weight", (h,))
+        if mlp:
+            out[dst + "pre_mlp_layernorm.weight"] = _take(
+                hf, src + "post_attention_layernorm.weight", (h,))
     return out
+
+
+def _blocks(args: LlamaArgs) -> list[tuple[bool, bool]]:
+    """Per layer: (has attention, has MLP); a sliced model may lack either."""
+    from megatron.sparse.structured.hetero import layer_shapes
+
+    return [(s.num_query_groups > 0, s.ffn_hidden_size > 0) for s in layer_shapes(args)]
 
 
 def linears_to_megatron(hf: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
     """Only the 4 sparse linears of every layer (weights or same-shaped masks), HF -> megatron."""
-    h, hd = args.hidden_size, args.kv_channels
-    q_rows, kv_rows = args.num_attention_heads * hd, args.num_key_value_heads * hd
-    ffn = args.intermediate_size
+    from megatron.sparse.structured.hetero import layer_args
+
     out = {}
-    for i in range(args.num_layers):
+    for i, (attn, mlp) in enumerate(_blocks(args)):
+        layer = layer_args(args, i) if args.block_configs else args
+        h, hd = layer.hidden_size, layer.kv_channels
+        q_rows, kv_rows = layer.num_attention_heads * hd, layer.num_key_value_heads * hd
+        ffn = layer.intermediate_size
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[dst + "self_attention.linear_qkv.weight"] = interleave_qkv(
-            _take(hf, src + "self_attn.q_proj.weight", (q_rows, h)),
-            _take(hf, src + "self_attn.k_proj.weight", (kv_rows, h)),
-            _take(hf, src + "self_attn.v_proj.weight", (kv_rows, h)), args)
-        out[dst + "self_attention.linear_proj.weight"] = _take(
-            hf, src + "self_attn.o_proj.weight", (h, q_rows))
+        if attn:
+            out[dst + "self_attention.linear_qkv.weight"] = interleave_qkv(
+                _take(hf, src + "self_attn.q_proj.weight", (q_rows, h)),
+                _take(hf, src + "self_attn.k_proj.weight", (kv_rows, h)),
+                _take(hf, src + "self_attn.v_proj.weight", (kv_rows, h)), layer)
+            out[dst + "self_attention.linear_proj.weight"] = _take(
+                hf, src + "self_attn.o_proj.weight", (h, q_rows))
+        if not mlp:
+            continue
         out[dst + "mlp.linear_fc1.weight"] = torch.cat(
             [_take(hf, src + "mlp.gate_proj.weight", (ffn, h)),
              _take(hf, src + "mlp.up_proj.weight", (ffn, h))], dim=0)

@@ -28,6 +28,10 @@ def linear_to_hf(key: str, tensor: torch.Tensor, args: LlamaArgs) -> dict[str, t
         return {}
     src = f"model.layers.{parts[2]}."
     name = ".".join(parts[3:5])
+    if args.block_configs:  # a sliced model: this layer's sizes
+        from megatron.sparse.structured.hetero import layer_args
+
+        args = layer_args(args, int(parts[2]))
     if name == "self_attention.linear_qkv":
         q, k, v = split_qkv(tensor, args)
         return {src + "self_attn.q_proj.weight": q, src + "self_attn.k_proj.weight": k,

@@ -106,6 +106,11 @@ def _dtype_of(meta: dict) -> torch.dtype:
 
 def hf_config_from_args(args: LlamaArgs) -> dict:
     """A minimal HF LlamaConfig dict for a model without a recorded HF config."""
+    if args.block_configs:
+        from megatron.sparse.structured.hf_export import sliced_hf_config
+
+        return sliced_hf_config(hf_config_from_args(LlamaArgs.from_dict(
+            args.to_dict() | {"block_configs": None})), args)
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers,
             "num_attention_heads": args.num_attention_heads,

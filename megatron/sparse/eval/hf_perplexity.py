@@ -61,6 +61,9 @@ def load_hf_model(spec: str, *, dtype=torch.float32):
 
     from transformers import AutoModelForCausalLM
 
+    from megatron.sparse.structured.hf_export import register_sliced_llama
+
+    register_sliced_llama()  # structurally sliced exports load without remote code here
     if not (Path(spec) / "config.json").is_file():
         raise FileNotFoundError(f"--model {spec}: not 'embedded' or a Hugging Face model "
                                 f"directory with config.json")
