@@ -224,3 +224,38 @@ def test_a_teacher_of_another_model_is_a_one_line_error(checkpoints, name, match
 def test_config_validation(fields, match):
     with pytest.raises(ValueError, match=match):
         DistillConfig(**fields)
+
+
+def _losses(cfgs):
+    """Per step ``[loss, loss/ce, loss/kd]`` of a mask-learning run of each config."""
+    from megatron.sparse.train.loop import MaskTrainer
+
+    runs = []
+    for cfg in cfgs:
+        trainer = MaskTrainer(cfg)
+        steps = []
+        while trainer.step < cfg.train_iters:
+            values = trainer.train_step(trainer.step)
+            trainer.step += 1
+            steps.append([values["loss"], values.get("loss/ce", values["loss"]),
+                          values.get("loss/kd", 0.0)])
+        runs.append(steps)
+    return runs
+
+
+@pytest.mark.slow
+def test_mask_learning_with_kd_gives_the_same_losses_at_tp1_and_tp2(checkpoints, tmp_path):
+    from tests.test_train import _cfg
+    from tests.train_fixtures import write_tokens
+
+    write_tokens(str(tmp_path / "tokens"), docs=40, doc_len=50, vocab=256)
+    kd = _cfg(checkpoints["base"], str(tmp_path / "tokens"), kd_weight=0.5, kd_temperature=2.0)
+    plain = _cfg(checkpoints["base"], str(tmp_path / "tokens"))
+    ref, no_kd = run_distributed(_losses, 1, [kd, plain])
+    (got,) = run_distributed(_losses, 2, [kd])
+    ref, got = torch.tensor(ref, dtype=torch.float64), torch.tensor(got, dtype=torch.float64)
+    assert ref.shape == (3, 3) and bool((ref[:, 2] > 0).all())
+    torch.testing.assert_close(ref[:, 0], ref[:, 1] + 0.5 * ref[:, 2], rtol=1e-6, atol=0)
+    # the teacher forward leaves the student's sampling alone: step 0 has the plain run's CE
+    assert ref[0, 1].item() == no_kd[0][0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # as test_train's TP parity
