@@ -25,6 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.model import LlamaArgs, model_forward
+from megatron.sparse.parallel import print_rank0
 
 
 @dataclass
@@ -211,6 +212,19 @@ class MaskOffTeacher:
         finally:
             for (_, layer), enabled in zip(layers, saved):
                 layer.mask_state.enabled = enabled
+
+
+def mask_off_teacher(model: torch.nn.Module, cfg: DistillConfig,
+                     meta: dict) -> MaskOffTeacher | None:
+    """The mask-learning teacher of a run loaded from a checkpoint with ``meta``; None without
+    distillation. Weights updated by one-shot pruning are not the dense model: say so."""
+    if not cfg.enabled:
+        return None
+    if meta.get("weights_updated"):
+        print_rank0("note: --load holds weights updated by one-shot pruning, so the mask-off "
+                    "teacher is not the dense model; load the dense checkpoint and pass the "
+                    "pruned one as --prior")
+    return MaskOffTeacher(model)
 
 
 def check_teacher(teacher: LlamaArgs, student: LlamaArgs, source: str | Path) -> None:

@@ -27,7 +27,7 @@ from megatron.sparse.parallel import is_main, print_rank0
 from megatron.sparse.train import schedules
 from megatron.sparse.train.config import TrainConfig
 from megatron.sparse.train.data import TrainBatches
-from megatron.sparse.train.distill import DistillConfig, MaskOffTeacher, student_loss
+from megatron.sparse.train.distill import DistillConfig, mask_off_teacher, student_loss
 from megatron.sparse.train.metrics import HISTORY_FILE, MetricsLogger
 from megatron.sparse.train.state import (
     check_resume, read_train_state, restore_train_state, run_tag, saved_run, write_train_state,
@@ -133,7 +133,7 @@ class MaskTrainer:
         self.model = self.args.build(mask_kind="logits", device=self.device)
         print_rank0(f"loading {source} at TP={self.tp} x DP={self.dp}")
         ckpt.load_into(source, self.model, masks=False)
-        self.teacher = MaskOffTeacher(self.model) if self.distill.enabled else None
+        self.teacher = mask_off_teacher(self.model, self.distill, self.meta)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.logits = [layer.mask_logits for _, layer in sparse_layers(self.model)]
