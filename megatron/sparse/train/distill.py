@@ -147,6 +147,18 @@ def _token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor | None) -> torc
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def _weighted(ce_per_token: torch.Tensor, kd_per_token: torch.Tensor | None, cfg: DistillConfig,
+              loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ce = _token_mean(ce_per_token, loss_mask)
+    loss = ce * cfg.ce_weight
+    parts = {"ce": ce.detach()}
+    if kd_per_token is not None:
+        kd = _token_mean(kd_per_token, loss_mask)
+        loss = loss + kd * cfg.kd_weight
+        parts["kd"] = kd.detach()
+    return loss, parts
+
+
 def combined_loss(ce_per_token: torch.Tensor, student_logits: torch.Tensor | None,
                   teacher_logits: torch.Tensor | None, cfg: DistillConfig,
                   loss_mask: torch.Tensor | None = None,
@@ -156,19 +168,14 @@ def combined_loss(ce_per_token: torch.Tensor, student_logits: torch.Tensor | Non
     Returns the loss and its detached parts ``{"ce": ..., "kd": ...}`` (``kd`` only when
     ``cfg.kd_weight > 0``; then both logits are needed).
     """
-    ce = _token_mean(ce_per_token, loss_mask)
-    loss = ce * cfg.ce_weight
-    parts = {"ce": ce.detach()}
+    kd = None
     if cfg.enabled:
         if student_logits is None or teacher_logits is None:
             raise ValueError("a distillation loss (kd_weight > 0) needs student and teacher "
                              "logits")
-        kd = _token_mean(vocab_parallel_kl(student_logits, teacher_logits,
-                                           temperature=cfg.kd_temperature, tp_group=tp_group),
-                         loss_mask)
-        loss = loss + kd * cfg.kd_weight
-        parts["kd"] = kd.detach()
-    return loss, parts
+        kd = vocab_parallel_kl(student_logits, teacher_logits, temperature=cfg.kd_temperature,
+                               tp_group=tp_group)
+    return _weighted(ce_per_token, kd, cfg, loss_mask)
 
 
 def student_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
@@ -181,14 +188,17 @@ def student_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Ten
     megatron-core's ``vocab_parallel_cross_entropy`` (the same CE ``model_forward`` computes).
     """
     if not cfg.enabled:
-        return combined_loss(model_forward(model, tokens, labels), None, None, cfg, loss_mask)
+        return _weighted(model_forward(model, tokens, labels), None, cfg, loss_mask)
     if teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher (MaskOffTeacher or FrozenTeacher)")
     teacher_logits = teacher.logits(tokens)
     logits = model_forward(model, tokens)
-    # megatron's CE shifts an fp32 input in place: it gets a copy, the KL reads the logits
-    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
-    return combined_loss(ce, logits, teacher_logits, cfg, loss_mask)
+    kd = vocab_parallel_kl(logits, teacher_logits, temperature=cfg.kd_temperature)
+    del teacher_logits
+    # megatron's CE shifts an fp32 input in place; the KL kept only its own buffer, so the
+    # logits need no copy, but the KL must come first
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    return _weighted(ce, kd, cfg, loss_mask)
 
 
 class MaskOffTeacher:
