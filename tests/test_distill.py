@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megatron.sparse import checkpoint, parallel
 from megatron.sparse.layers import is_mask_key, set_mask_state, sparse_layers
 from megatron.sparse.model import model_forward
+from megatron.sparse.train import distill
 from megatron.sparse.train.distill import (
     DistillConfig, FrozenTeacher, MaskOffTeacher, combined_loss, student_loss, vocab_parallel_kl,
 )
@@ -50,7 +51,9 @@ def _sharded_kl(student, teacher, weights, temperature, tp, group):
 
 
 def _kl_at_tp_2_and_4(student, teacher, weights, temperature):
-    """On 4 ranks: TP=4 through megatron's group (tp_group=None), TP=2 on two subgroups."""
+    """On 4 ranks: TP=4 through megatron's group (tp_group=None), TP=2 on two subgroups; chunks
+    of 1 (TP=2) and 2 rows (TP=4) of the 6."""
+    distill._CHUNK_ELEMENTS = 40
     rank = dist.get_rank()
     halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
     return {4: _sharded_kl(student, teacher, weights, temperature, 4, None),
@@ -64,8 +67,9 @@ KL_TOL = dict(rtol=1e-5, atol=2e-5)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_kl_at_tp1_matches_kl_div(temperature):
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 1 << 22), (2.0, 4 * VOCAB)])
+def test_kl_at_tp1_matches_kl_div(temperature, chunk, monkeypatch):
+    monkeypatch.setattr(distill, "_CHUNK_ELEMENTS", chunk)  # 4 * VOCAB: chunks of 4 + 2 rows
     student, teacher, weights = _logits(seed=11)
     ref_kl, ref_grad = _reference(student, teacher, weights, temperature)
     s = student.clone().requires_grad_(True)

@@ -80,6 +80,10 @@ def _all_reduce(t: torch.Tensor, group, op) -> None:
         dist.all_reduce(t, op=op, group=group)
 
 
+_CHUNK_ELEMENTS = 1 << 22
+"""Logits per temporary buffer of the KL (16 MiB in fp32): the full-size memory is one buffer."""
+
+
 class _VocabParallelKL(torch.autograd.Function):
     """Per-token ``T^2 * KL(softmax(t/T) || softmax(s/T))`` over vocab shards; gradient to ``s``.
 
@@ -87,37 +91,49 @@ class _VocabParallelKL(torch.autograd.Function):
     ``Z_b = sum exp(b)`` and ``C = sum exp(b) (b - a)`` (all sums all-reduced over the group):
     ``KL = C / Z_b - log Z_b + log Z_a``. Its gradient is ``T (p_s - p_t)`` per logit, local to
     each shard (the per-token result is replicated on every rank), so backward needs no
-    communication; only that difference is saved.
+    communication. Rows are processed in chunks; the only full-size buffer is that difference,
+    saved for backward.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, group):
         work = torch.promote_types(student.dtype, torch.float32)  # fp32 at least (fp64 kept)
-        a = student.to(work) / temperature  # fresh buffers: the in-place steps stay local
-        b = teacher.to(work) / temperature
-        maxima = torch.stack([a.amax(dim=-1), b.amax(dim=-1)])
+        vocab = student.shape[-1]
+        s, t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+        step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+        spans = [slice(lo, lo + step) for lo in range(0, s.shape[0], step)]
+
+        def scaled(x, row, span):  # x/T - max for one chunk, a fresh buffer
+            return x[span].to(work).div(temperature).sub_(maxima[row, span, None])
+
+        # division by T > 0 is monotonic: max(x / T) == max(x) / T exactly
+        maxima = torch.stack([s.amax(dim=-1), t.amax(dim=-1)]).to(work).div_(temperature)
         _all_reduce(maxima, group, dist.ReduceOp.MAX)
-        a.sub_(maxima[0].unsqueeze(-1))
-        b.sub_(maxima[1].unsqueeze(-1))
-        p_s = a.exp()
-        a.neg_().add_(b)  # a now holds b - a
-        p_t = b.exp_()
-        sums = torch.stack([p_s.sum(dim=-1), p_t.sum(dim=-1),
-                            torch.linalg.vecdot(p_t, a, dim=-1)])
-        del a
+        diff = torch.empty(s.shape, dtype=work, device=s.device)  # exp(a), then p_s - p_t
+        sums = torch.empty((3, s.shape[0]), dtype=work, device=s.device)
+        for span in spans:
+            a, b = scaled(s, 0, span), scaled(t, 1, span)
+            sums[0, span] = torch.exp(a, out=diff[span]).sum(dim=-1)
+            a.neg_().add_(b)  # b - a
+            b.exp_()
+            sums[1, span] = b.sum(dim=-1)
+            sums[2, span] = torch.linalg.vecdot(b, a, dim=-1)
         _all_reduce(sums, group, dist.ReduceOp.SUM)
         z_s, z_t, cross = sums
         kl = cross / z_t + z_s.log() - z_t.log()
-        diff = p_s.div_(z_s.unsqueeze(-1)).sub_(p_t.div_(z_t.unsqueeze(-1)))
+        for span in spans:
+            p_t = scaled(t, 1, span).exp_().div_(z_t[span, None])
+            diff[span].div_(z_s[span, None]).sub_(p_t)
         ctx.save_for_backward(diff)
         ctx.temperature = temperature
         ctx.dtype = student.dtype
-        return kl * temperature**2
+        return (kl * temperature**2).reshape(student.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_output):
         (diff,) = ctx.saved_tensors
-        grad = diff * (grad_output.to(diff.dtype) * ctx.temperature).unsqueeze(-1)
+        scale = (grad_output.to(diff.dtype) * ctx.temperature).reshape(-1, 1)
+        grad = (diff * scale).reshape(*grad_output.shape, diff.shape[-1])
         return grad.to(ctx.dtype), None, None, None
 
 
