@@ -283,3 +283,16 @@ def test_mask_learning_with_kd_gives_the_same_losses_at_tp1_and_tp2(checkpoints,
     # the teacher forward leaves the student's sampling alone: step 0 has the plain run's CE
     assert ref[0, 1].item() == no_kd[0][0]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # as test_train's TP parity
+
+
+def test_kl_of_bf16_student_logits_is_computed_in_fp32():
+    student, teacher, weights = _logits(seed=17)
+    low = student.bfloat16()
+    ref_kl, ref_grad = _reference(low.float(), teacher, weights, 2.0)  # the rounded inputs
+    s = low.clone().requires_grad_(True)
+    kl = vocab_parallel_kl(s, teacher, temperature=2.0)
+    (kl * weights).sum().backward()
+    assert kl.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(kl.double(), ref_kl, **KL_TOL)
+    # the gradient is rounded to bf16 (8 bits of mantissa: 4e-3 relative)
+    torch.testing.assert_close(s.grad.double(), ref_grad, rtol=1e-2, atol=1e-3)

@@ -97,7 +97,8 @@ class _VocabParallelKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, group):
-        work = torch.promote_types(student.dtype, torch.float32)  # fp32 at least (fp64 kept)
+        work = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype),
+                                   torch.float32)  # fp32 at least (fp64 kept)
         vocab = student.shape[-1]
         s, t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
         step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
@@ -107,7 +108,7 @@ class _VocabParallelKL(torch.autograd.Function):
             return x[span].to(work).div(temperature).sub_(maxima[row, span, None])
 
         # division by T > 0 is monotonic: max(x / T) == max(x) / T exactly
-        maxima = torch.stack([s.amax(dim=-1), t.amax(dim=-1)]).to(work).div_(temperature)
+        maxima = torch.stack([s.amax(dim=-1).to(work), t.amax(dim=-1).to(work)]).div_(temperature)
         _all_reduce(maxima, group, dist.ReduceOp.MAX)
         diff = torch.empty(s.shape, dtype=work, device=s.device)  # exp(a), then p_s - p_t
         sums = torch.empty((3, s.shape[0]), dtype=work, device=s.device)
