@@ -41,6 +41,14 @@ class TrainConfig:
     """Sample Gumbel noise; off gives the deterministic soft masks ``softmax(kappa l / tau)``."""
     reg_lambda: float = 1e-5
     """Sparse-weight regulariser weight; decays linearly to 0 over training."""
+    ce_weight: float = 1.0
+    """Weight of the next-token cross entropy in the loss."""
+    kd_weight: float = 0.0
+    """Weight of distillation from the dense model (the same weights, masks off):
+    ``T^2 * KL(p_dense(T) || p_sparse(T))``, mean over tokens; 0 disables it (no teacher
+    forward)."""
+    kd_temperature: float = 2.0
+    """Softmax temperature T of the distillation term."""
     lr: float = 5e-5
     """Peak learning rate (before the logits multiplier)."""
     min_lr: float = 5e-6
@@ -80,8 +88,8 @@ class TrainConfig:
     exit_after_save: bool = False
     """Exit once the first interval checkpoint is written (tests, time-limited jobs)."""
     override_resume_config: bool = False
-    """Resume even if ``seq_length``, ``global_batch_size`` or ``data`` differ from the saved run
-    (the data order then differs from an uninterrupted run)."""
+    """Resume even if ``seq_length``, ``global_batch_size``, ``data`` or the loss weights and
+    temperature differ from the saved run (the run then differs from an uninterrupted one)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,11 +22,12 @@ from megatron.sparse.compat import default_device
 from megatron.sparse.convert.sharding import full_shape, shard_tensor
 from megatron.sparse.eval.perplexity import megatron_perplexity
 from megatron.sparse.layers import set_mask_state, sparse_layers
-from megatron.sparse.model import LlamaArgs, model_forward
+from megatron.sparse.model import LlamaArgs
 from megatron.sparse.parallel import is_main, print_rank0
 from megatron.sparse.train import schedules
 from megatron.sparse.train.config import TrainConfig
 from megatron.sparse.train.data import TrainBatches
+from megatron.sparse.train.distill import DistillConfig, mask_off_teacher, student_loss
 from megatron.sparse.train.metrics import HISTORY_FILE, MetricsLogger
 from megatron.sparse.train.state import (
     check_resume, read_train_state, restore_train_state, run_tag, saved_run, write_train_state,
@@ -121,6 +122,7 @@ class MaskTrainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.distill = DistillConfig.from_config(cfg)  # validated before anything is read
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.dp = parallel_state.get_data_parallel_world_size()
         resume_root = self._resume_root()
@@ -131,6 +133,7 @@ class MaskTrainer:
         self.model = self.args.build(mask_kind="logits", device=self.device)
         print_rank0(f"loading {source} at TP={self.tp} x DP={self.dp}")
         ckpt.load_into(source, self.model, masks=False)
+        self.teacher = mask_off_teacher(self.model, self.distill, self.meta)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.logits = [layer.mask_logits for _, layer in sparse_layers(self.model)]
@@ -182,7 +185,8 @@ class MaskTrainer:
 
     def _run_tag(self) -> dict:
         return run_tag("maskllm", seq_length=self.cfg.seq_length,
-                       global_batch_size=self.cfg.global_batch_size, data_prefix=self.cfg.data)
+                       global_batch_size=self.cfg.global_batch_size, data_prefix=self.cfg.data,
+                       distill=self.distill)
 
     def _fresh_logits(self) -> None:
         """Logits at the start of a run: N(0, 0.01) shifted toward the prior's masks, if any.
@@ -239,21 +243,22 @@ class MaskTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         n_micro = self.data.num_micro_batches
-        ce_sum = torch.zeros(1, dtype=torch.float64)
+        sums: dict[str, torch.Tensor] = {}  # loss parts summed over micro batches ("ce", "kd")
         reg = torch.zeros(1)
         dp_rank = parallel_state.get_data_parallel_rank()
         for micro, (tokens, labels) in enumerate(self.data.micro_batches(step)):
             # Noise of global micro batch (micro * DP + dp_rank): the same at every TP x DP layout.
             set_mask_state(self.model, noise_seed=mask_ops.combine_seeds(
                 self.cfg.seed, step, micro * self.dp + dp_rank))
-            ce = model_forward(self.model, tokens.to(self.device),
-                               labels.to(self.device)).float().mean()
-            loss = ce / n_micro
+            objective, parts = student_loss(self.model, tokens.to(self.device),
+                                            labels.to(self.device), self.distill, self.teacher)
+            loss = objective / n_micro
             if values["reg_lambda"] > 0:
                 reg = sum(layer.sparse_weight_norm_sq() for _, layer in sparse_layers(self.model))
                 loss = loss - values["reg_lambda"] * reg / n_micro
             loss.backward()
-            ce_sum += ce.detach().double().cpu()
+            for key, part in parts.items():
+                sums[key] = sums.get(key, 0) + part.double().cpu().reshape(1)
         dp_group = parallel_state.get_data_parallel_group()
         if self.dp > 1:
             for p in self.logits:
@@ -265,9 +270,14 @@ class MaskTrainer:
                 for p in self.logits:
                     p.grad.mul_(coef)
         self.optimizer.step()
-        ce_mean = _all_reduce(ce_sum / n_micro, dp_group).div_(self.dp)
+        means = {k: float(_all_reduce(v / n_micro, dp_group).div_(self.dp))
+                 for k, v in sums.items()}
         reg_total = _all_reduce(reg.detach().reshape(1).double(), _tp_group())
-        values.update(loss=float(ce_mean), reg=float(reg_total), grad_norm=float(norm))
+        values.update(loss=self.distill.ce_weight * means["ce"]
+                      + self.distill.kd_weight * means.get("kd", 0.0),
+                      reg=float(reg_total), grad_norm=float(norm))
+        if self.distill.enabled:
+            values.update({"loss/ce": means["ce"], "loss/kd": means["kd"]})
         return values
 
     # -- the run ---------------------------------------------------------------------------------
