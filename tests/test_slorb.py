@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from megatron.sparse import checkpoint, parallel
-from megatron.sparse.convert.sharding import merge_state_dicts
 from megatron.sparse.layers import sparse_layers
 from megatron.sparse.model import model_forward
 from megatron.sparse.prune.apply import store_mask
 from megatron.sparse.prune.magnitude import magnitude_mask
 from megatron.sparse.slorb import attach_slorb, slorb_branches, slorb_parameters
 from tests.distributed import run_distributed
+from tests.test_checkpoint import _gathered  # TP shards merged like a TP=1 state dict
 from tests.tiny import tiny_gqa
 
 K = 16
@@ -85,12 +85,6 @@ def test_layer_forward_equals_the_formula(train_projection):
             assert (F.linear(x, w * m) - expected).abs().max() > 100 * ATOL, name
 
 
-def _gather_tp(local: dict) -> dict:
-    shards = [None] * parallel_state.get_tensor_model_parallel_world_size()
-    dist.all_gather_object(shards, local, group=parallel_state.get_tensor_model_parallel_group())
-    return merge_state_dicts(shards)
-
-
 def _run(model, tokens):
     """Full logits and the unsharded gradients of every SLoRB tensor, at the current TP."""
     model.eval()
@@ -103,7 +97,7 @@ def _run(model, tokens):
     group = parallel_state.get_tensor_model_parallel_group()
     parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, logits.detach().contiguous(), group=group)
-    return {"logits": torch.cat(parts, -1), "grads": _gather_tp(grads)}
+    return {"logits": torch.cat(parts, -1), "grads": _gathered(grads)}
 
 
 def _load_run_save(root, tokens, save_root):
