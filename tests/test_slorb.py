@@ -202,6 +202,12 @@ def test_hf_export_reproduces_megatron_logits_and_perplexity(tmp_path):
         # fp32, same weights, different kernels (attention, RoPE): the converter's 1e-4 bound
         torch.testing.assert_close(_hf_logits(hf, tokens), logits, rtol=0, atol=1e-4)
         assert abs(hf_perplexity(hf, windows).ppl / ppl - 1) < 1e-3
+        if name == "hf":  # the inference path keeps the branch next to the compressed weight
+            from megatron.sparse.inference.sparsify import SLoRBSparseLinear24, sparsify
+
+            assert len(sparsify(hf)) == 7 * tiny_gqa().num_layers
+            assert isinstance(hf.model.layers[0].mlp.down_proj, SLoRBSparseLinear24)
+            torch.testing.assert_close(_hf_logits(hf, tokens), logits, rtol=0, atol=1e-4)
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
                                                    output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
