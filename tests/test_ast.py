@@ -294,6 +294,7 @@ def _megatron_ppl(root, windows):
     return megatron_perplexity(model, windows).ppl
 
 
+@pytest.mark.slow  # a conversion, a run and an export (~30 s)
 def test_eval_and_hf_export_of_an_ast_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 

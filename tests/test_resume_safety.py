@@ -63,7 +63,8 @@ def trained(setup, tmp_path_factory):
 def test_training_checkpoint_is_tagged_with_its_run(setup, trained):
     run = checkpoint.read_checkpoint_meta(trained)["run"]
     assert run == {"method": "maskllm", "seq_length": 16, "global_batch_size": 4,
-                   "data_prefix": os.path.abspath(setup[2])}
+                   "data_prefix": os.path.abspath(setup[2]), "ce_weight": 1.0,
+                   "kd_weight": 0.0, "kd_temperature": 2.0}
 
 
 def test_save_into_a_converted_checkpoint_is_refused_and_leaves_it_untouched(setup):
@@ -112,6 +113,8 @@ def test_save_into_another_kind_of_checkpoint_is_refused(setup, trained, tmp_pat
     (dict(seq_length=8), "--seq-length 16 -> 8"),
     (dict(global_batch_size=8), "--global-batch-size 4 -> 8"),
     (dict(data="other_tokens"), "--data "),
+    (dict(kd_weight=0.5), "--kd-weight 0.0 -> 0.5"),
+    (dict(kd_temperature=1.0), "--kd-temperature 2.0 -> 1.0"),
 ])
 def test_resume_with_other_data_settings_says_so_and_needs_override(setup, trained, change,
                                                                    match):

@@ -20,12 +20,12 @@ from megatron.core import parallel_state
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse import mask as mask_ops
 from megatron.sparse.layers import set_mask_state, sparse_layers
-from megatron.sparse.model import model_forward
 from megatron.sparse.parallel import print_rank0
 from megatron.sparse.prune.magnitude import magnitude_mask
 from megatron.sparse.train import schedules
 from megatron.sparse.train.collectives import all_reduce, tp_group
 from megatron.sparse.train.config import AstConfig
+from megatron.sparse.train.distill import FrozenTeacher, student_loss
 from megatron.sparse.train.methods import TrainingMethod, argmax_snapshot
 from megatron.sparse.train.srste import SRSTE_MODES, SRSTEAdamW
 
@@ -103,6 +103,7 @@ class AdaptiveSparseTraining(TrainingMethod):
                             f"{cfg.mask_interval} steps")
             self.initial = argmax_snapshot(model)
         self.previous = argmax_snapshot(model)
+        self.teacher = self._teacher() if trainer.distill.enabled else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         sparse_weight = {id(layer.weight): layer for layer in self.layers}
 
@@ -114,6 +115,18 @@ class AdaptiveSparseTraining(TrainingMethod):
             [{"params": self.params}], pruned_mask=pruned_mask, lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay, mode=cfg.srste_mode)
+
+    def _teacher(self) -> FrozenTeacher:
+        """The frozen dense teacher: ``--teacher``, else the dense weights ``--load`` came from
+        (itself when it is a conversion, its ``base_checkpoint`` when it is pruned)."""
+        trainer, cfg = self.trainer, self.cfg
+        source = cfg.teacher
+        if source is None:
+            meta = ckpt.read_checkpoint_meta(cfg.load)
+            source = meta.get("base_checkpoint", cfg.load) if ckpt.has_masks(meta) else cfg.load
+        print_rank0(f"teacher: frozen dense weights of {source} (KD weight {cfg.kd_weight}, "
+                    f"T {cfg.kd_temperature})")
+        return FrozenTeacher.from_checkpoint(source, like=trainer.args, device=trainer.device)
 
     @torch.no_grad()
     def update_masks(self) -> None:
@@ -134,8 +147,9 @@ class AdaptiveSparseTraining(TrainingMethod):
         return values
 
     def micro_loss(self, tokens, labels, *, step, global_micro, n_micro, values):
-        ce = model_forward(self.trainer.model, tokens, labels).float().mean()
-        return self.cfg.ce_weight * ce / n_micro, ce.detach()
+        objective, parts = student_loss(self.trainer.model, tokens, labels, self.trainer.distill,
+                                        self.teacher)
+        return objective / n_micro, parts
 
     def after_step(self, step: int) -> None:
         if step % self.cfg.mask_interval == 0:

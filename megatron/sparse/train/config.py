@@ -43,6 +43,14 @@ class RunConfig:
     """AdamW decoupled weight decay on the trained parameters."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+    ce_weight: float = 1.0
+    """Weight of the next-token cross entropy in the loss."""
+    kd_weight: float = 0.0
+    """Weight of distillation from the dense model (mask learning: the same weights, masks off;
+    AST: a frozen dense copy): ``T^2 * KL(p_dense(T) || p_sparse(T))``, mean over tokens; 0
+    disables it (no teacher forward)."""
+    kd_temperature: float = 2.0
+    """Softmax temperature T of the distillation term."""
     save_interval: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end and on preemption)."""
     eval_interval: int = 0
@@ -62,8 +70,8 @@ class RunConfig:
     exit_after_save: bool = False
     """Exit once the first interval checkpoint is written (tests, time-limited jobs)."""
     override_resume_config: bool = False
-    """Resume even if ``seq_length``, ``global_batch_size`` or ``data`` differ from the saved run
-    (the data order then differs from an uninterrupted run)."""
+    """Resume even if ``seq_length``, ``global_batch_size``, ``data`` or the loss weights and
+    temperature differ from the saved run (the run then differs from an uninterrupted one)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,12 +131,9 @@ class AstConfig(RunConfig):
     second and the update) or "gradient" (added to the loss gradient)."""
     teacher: str | None = None
     """Dense checkpoint of the distillation teacher (default: the dense weights of ``load``)."""
-    ce_weight: float = 1.0
-    """Weight of the cross-entropy term of the loss."""
     kd_weight: float = 0.5
-    """Weight of the distillation term ``T^2 KL(p_teacher(T) || p_student(T))`` (0: no teacher)."""
-    kd_temperature: float = 2.0
-    """Distillation temperature ``T``."""
+    """Weight of distillation from the frozen dense teacher ``T^2 KL(p_teacher(T) ||
+    p_student(T))`` (the paper's LLaMA run: CE 1 + KD 0.5; 0: no teacher)."""
     slorb_k: int = 0
     """SLoRB group size k (0: off); it must divide every sparse linear's local input dimension."""
     slorb_train_projection: bool = False

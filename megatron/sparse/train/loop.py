@@ -24,6 +24,7 @@ from megatron.sparse.train.collectives import all_reduce, average_over_dp, clip_
 from megatron.sparse.train.collectives import PreemptionFlag  # noqa: F401  (re-exported)
 from megatron.sparse.train.config import AstConfig, RunConfig, TrainConfig
 from megatron.sparse.train.data import TrainBatches
+from megatron.sparse.train.distill import DistillConfig
 from megatron.sparse.train.methods import MaskLearning, TrainingMethod
 from megatron.sparse.train.metrics import HISTORY_FILE, MetricsLogger
 from megatron.sparse.train.state import (
@@ -50,6 +51,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, method: TrainingMethod | None = None):
         self.cfg = cfg
+        self.distill = DistillConfig.from_config(cfg)  # validated before anything is read
         self.method = method or method_for(cfg)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.dp = parallel_state.get_data_parallel_world_size()
@@ -105,7 +107,8 @@ class Trainer:
 
     def _run_tag(self) -> dict:
         return run_tag(self.method.name, seq_length=self.cfg.seq_length,
-                       global_batch_size=self.cfg.global_batch_size, data_prefix=self.cfg.data)
+                       global_batch_size=self.cfg.global_batch_size, data_prefix=self.cfg.data,
+                       distill=self.distill)
 
     def _eval_windows(self) -> torch.Tensor | None:
         """The same token windows ``tools/eval_ppl.py --data SPEC`` evaluates."""
@@ -126,21 +129,27 @@ class Trainer:
         self.model.train()
         method.optimizer.zero_grad(set_to_none=True)
         n_micro = self.data.num_micro_batches
-        ce_sum = torch.zeros(1, dtype=torch.float64)
+        sums: dict[str, torch.Tensor] = {}  # loss parts summed over micro batches ("ce", "kd")
         dp_rank = parallel_state.get_data_parallel_rank()
         for micro, (tokens, labels) in enumerate(self.data.micro_batches(step)):
-            loss, ce = method.micro_loss(tokens.to(self.device), labels.to(self.device),
+            loss, parts = method.micro_loss(tokens.to(self.device), labels.to(self.device),
                                          step=step, global_micro=micro * self.dp + dp_rank,
                                          n_micro=n_micro, values=values)
             loss.backward()
-            ce_sum += ce.double().cpu()
+            for key, part in parts.items():
+                sums[key] = sums.get(key, 0) + part.double().cpu().reshape(1)
         average_over_dp(method.params)
         norm = clip_gradients(method.params, self.cfg.clip_grad)
         method.optimizer.step()
         method.after_step(step + 1)
         dp_group = parallel_state.get_data_parallel_group()
-        ce_mean = all_reduce(ce_sum / n_micro, dp_group).div_(self.dp)
-        values.update(loss=float(ce_mean), **method.step_scalars(), grad_norm=float(norm))
+        means = {k: float(all_reduce(v / n_micro, dp_group).div_(self.dp))
+                 for k, v in sums.items()}
+        values.update(loss=self.distill.ce_weight * means["ce"]
+                      + self.distill.kd_weight * means.get("kd", 0.0),
+                      **method.step_scalars(), grad_norm=float(norm))
+        if self.distill.enabled:
+            values.update({"loss/ce": means["ce"], "loss/kd": means["kd"]})
         return values
 
     # -- the run ---------------------------------------------------------------------------------

@@ -19,11 +19,12 @@ from megatron.sparse import checkpoint as ckpt
 from megatron.sparse import mask as mask_ops
 from megatron.sparse.convert.sharding import full_shape, shard_tensor
 from megatron.sparse.layers import set_mask_state, sparse_layers
-from megatron.sparse.model import LlamaArgs, model_forward
+from megatron.sparse.model import LlamaArgs
 from megatron.sparse.parallel import print_rank0
 from megatron.sparse.train import schedules
 from megatron.sparse.train.collectives import all_reduce, tp_group
 from megatron.sparse.train.config import TrainConfig
+from megatron.sparse.train.distill import MaskOffTeacher, student_loss
 
 if TYPE_CHECKING:
     from megatron.sparse.train.loop import Trainer
@@ -50,8 +51,9 @@ class TrainingMethod:
 
     def micro_loss(self, tokens: torch.Tensor, labels: torch.Tensor, *, step: int,
                    global_micro: int, n_micro: int,
-                   values: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss to backpropagate, detached mean CE)`` of one micro batch."""
+                   values: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss to backpropagate, its detached parts {"ce": ..., "kd": ...})`` of one micro
+        batch (train/distill.py ``student_loss``, divided by ``n_micro``)."""
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:
@@ -128,6 +130,7 @@ class MaskLearning(TrainingMethod):
     def setup(self, trainer: "Trainer", resume_dir: Path | None) -> None:
         cfg, model = self.cfg, trainer.model
         self.trainer = trainer
+        self.teacher = MaskOffTeacher(model) if trainer.distill.enabled else None
         for p in model.parameters():
             p.requires_grad_(False)
         self.params = [layer.mask_logits for _, layer in sparse_layers(model)]
@@ -188,12 +191,12 @@ class MaskLearning(TrainingMethod):
         # Noise of global micro batch (micro * DP + dp_rank): the same at every TP x DP layout.
         set_mask_state(model, noise_seed=mask_ops.combine_seeds(self.cfg.seed, step,
                                                                 global_micro))
-        ce = model_forward(model, tokens, labels).float().mean()
-        loss = ce / n_micro
+        objective, parts = student_loss(model, tokens, labels, self.trainer.distill, self.teacher)
+        loss = objective / n_micro
         if values["reg_lambda"] > 0:
             self._reg = sum(layer.sparse_weight_norm_sq() for _, layer in sparse_layers(model))
             loss = loss - values["reg_lambda"] * self._reg / n_micro
-        return loss, ce.detach()
+        return loss, parts
 
     def step_scalars(self) -> dict[str, float]:
         reg_total = all_reduce(self._reg.detach().reshape(1).double(), tp_group())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron.sparse import checkpoint as ckpt
+from megatron.sparse.train.distill import DistillConfig
 
 STATE_FILE = "train_state.json"
 RUN_KEY = "run"
-# The run settings a resume must keep: they fix the data order (train/data.py).
+# The run settings a resume must keep: they fix the data order (train/data.py) and the loss.
 _RESUME_FIELDS = (("seq_length", "--seq-length"), ("global_batch_size", "--global-batch-size"),
-                  ("data_prefix", "--data"))
+                  ("data_prefix", "--data"), ("ce_weight", "--ce-weight"),
+                  ("kd_weight", "--kd-weight"), ("kd_temperature", "--kd-temperature"))
+# What a tag without loss settings (a run from before distillation) trained with.
+_RESUME_DEFAULTS = asdict(DistillConfig())
 
 
 def _rank() -> int:
@@ -80,11 +85,12 @@ def restore_train_state(directory: Path, state: dict[str, Any],
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def run_tag(method: str, *, seq_length: int, global_batch_size: int,
-            data_prefix: str) -> dict[str, Any]:
-    """The ``run`` entry of a training checkpoint's ``model_args.json``."""
+def run_tag(method: str, *, seq_length: int, global_batch_size: int, data_prefix: str,
+            distill: DistillConfig | None = None) -> dict[str, Any]:
+    """The ``run`` entry of a training checkpoint's ``model_args.json`` (``distill``: the loss
+    weights and temperature, recorded when given)."""
     return {"method": method, "seq_length": seq_length, "global_batch_size": global_batch_size,
-            "data_prefix": os.path.abspath(data_prefix)}
+            "data_prefix": os.path.abspath(data_prefix), **(asdict(distill) if distill else {})}
 
 
 def saved_run(root: str | Path) -> dict[str, Any] | None:
@@ -138,8 +144,12 @@ def check_resume(root: str | Path, flag: str, *, run: dict[str, Any],
                              f"{have.get('hidden_size')}, {have.get('num_layers')} layers vs "
                              f"hidden {model.get('hidden_size')}, {model.get('num_layers')} "
                              f"layers); choose a new {flag} directory")
-    changed = [f"{opt} {saved.get(key)} -> {run[key]}" for key, opt in _RESUME_FIELDS
-               if saved.get(key) is not None and saved.get(key) != run[key]]
+    def setting(tag, key):
+        return tag.get(key, _RESUME_DEFAULTS.get(key))
+
+    changed = [f"{opt} {setting(saved, key)} -> {setting(run, key)}"
+               for key, opt in _RESUME_FIELDS
+               if setting(saved, key) is not None and setting(saved, key) != setting(run, key)]
     if changed and not override:
         raise ValueError(f"cannot resume {root}: the run changed {', '.join(changed)}; use the "
                          f"saved settings, a new {flag} directory, or --override-resume-config")
