@@ -5,7 +5,8 @@
         --seq-length 4096 [--json]
 
 The same protocol and token stream as tools/eval_ppl.py, so an exported mask file can be checked
-to reproduce the Megatron-side perplexity.
+to reproduce the Megatron-side perplexity. SLoRB exports (tools/export_hf.py of a SLoRB checkpoint)
+load their shipped modeling file (docs/export.md, "SLoRB").
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, default=None,
                    help="evaluate N windows evenly spaced over the data")
     p.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run a model directory's own modeling code (not needed for "
+                        "megatron-sparse SLoRB exports, whose file is recognised)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON line {"ppl": ..., "tokens": ..., "seq_length": ...}')
     return p.parse_args(argv)
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.sparse.eval.datasets import eval_windows
     from megatron.sparse.eval.hf_perplexity import apply_mask_file, hf_perplexity, load_hf_model
 
-    model = load_hf_model(ns.model)
+    model = load_hf_model(ns.model, trust_remote_code=ns.trust_remote_code)
     if torch.cuda.is_available():
         model = model.cuda()
     limit = getattr(model.config, "max_position_embeddings", None)

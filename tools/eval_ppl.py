@@ -6,7 +6,7 @@
 PPL = exp(mean token cross entropy) over non-overlapping windows of --seq-length of the text
 tokenized once (megatron/sparse/eval/datasets.py). Sparse layers apply the checkpoint's masks
 (fixed choices, or the argmax of learned logits); a checkpoint without masks (a plain conversion)
-is evaluated dense.
+is evaluated dense. SLoRB branches recorded in the checkpoint (docs/slorb.md) are always applied.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size (default: the number of torchrun ranks)")
-    p.add_argument("--dense", action="store_true", help="ignore the masks (dense weights)")
+    p.add_argument("--dense", action="store_true",
+                   help="ignore the masks (dense weights; SLoRB branches stay)")
     p.add_argument("--bf16", action="store_true", help="hold the model in bfloat16")
     p.add_argument("--json", action="store_true",
                    help='print one JSON line {"ppl": ..., "tokens": ..., "seq_length": ...}')

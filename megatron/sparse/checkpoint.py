@@ -8,7 +8,10 @@ Layout of a checkpoint directory::
 
 ``model_args.json`` holds ``format_version`` (2) and ``mask_storage``: ``"dense"`` (no mask
 tensors: converted checkpoints), ``"fixed"`` (a uint8 ``mask_choice`` per sparse linear: one-shot
-and imported masks) or ``"logits"`` (fp32 ``mask_logits``: mask-learning runs). Format 1 (no
+and imported masks) or ``"logits"`` (fp32 ``mask_logits``: mask-learning runs). ``slorb``
+(``{"k", "train_projection"}``) is present when the sparse linears carry SLoRB branches, whose
+``<linear>.slorb.S`` / ``.slorb.X`` tensors reshard with their weight
+(:mod:`megatron.sparse.slorb`). Format 1 (no
 ``format_version``) stored logits in every checkpoint; it still loads: as logits for training,
 as their argmax for evaluation, export and pruning, and as dense when it is a plain conversion.
 
@@ -31,6 +34,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from megatron.sparse import mask as mask_ops
+from megatron.sparse import slorb
 from megatron.sparse.heap import trim_heap
 from megatron.sparse.layers import (
     MASK_TENSORS,
@@ -151,15 +155,19 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, *, iteration: int,
     """Save ``model`` (and optional extra sharded state) as iteration ``iteration`` of ``root``.
 
     All ranks must call this. ``args``/``meta`` (re)write ``model_args.json``, with
-    ``format_version`` and the model's ``mask_storage``. ``write_extra(dir)`` runs on every rank
-    to add files (optimizer, RNG) to the iteration before it is published.
+    ``format_version``, the model's ``mask_storage`` and its SLoRB settings (``slorb``).
+    ``write_extra(dir)`` runs on every rank to add files (optimizer, RNG) to the iteration
+    before it is published.
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
     if _is_rank0():
         root.mkdir(parents=True, exist_ok=True)
     if args is not None:
-        write_model_args(root, args, {**(meta or {}), "format_version": FORMAT_VERSION,
+        meta = {k: v for k, v in (meta or {}).items() if k != slorb.META_KEY}
+        if slorb.slorb_config(model):
+            meta[slorb.META_KEY] = slorb.slorb_config(model)
+        write_model_args(root, args, {**meta, "format_version": FORMAT_VERSION,
                                       "mask_storage": mask_kind_of(model)})
     tmp_name = [f"{final.name}.tmp-{os.getpid()}"]
     if dist.is_initialized():
@@ -275,6 +283,7 @@ def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool =
 
     ``mask_kind`` defaults to :func:`inference_mask_kind` (fixed masks, or dense for a
     conversion); ``with_masks=False`` leaves the masks at their init (pruning replaces them).
+    A SLoRB branch recorded in the meta is re-attached before loading.
     Returns ``(model, args)``.
     """
     meta = read_checkpoint_meta(root)
@@ -282,6 +291,7 @@ def load_model(root: str | Path, *, iteration: int | None = None, sparse: bool =
     args = LlamaArgs.from_dict(meta["model"])
     kind = mask_kind or inference_mask_kind(meta)
     model = args.build(sparse=sparse, mask_kind=kind, params_dtype=params_dtype, device=device)
+    slorb.attach_from_meta(model, meta)
     load_into(root, model, iteration=iteration, masks=False)
     if with_masks:
         load_masks(root, model, iteration=iteration)

@@ -105,8 +105,10 @@ def save_tokenizer(tokenizer_spec: str, out: Path) -> None:
 
 
 def save_hf_checkpoint(out: str | Path, *, config: dict, state: dict[str, torch.Tensor],
-                       tokenizer: str | None, overwrite: bool = False) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) to ``out`` atomically."""
+                       tokenizer: str | None, overwrite: bool = False,
+                       extra_files: dict[str, str] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer, + ``{name: text}`` extra files such
+    as a modeling file) to ``out`` atomically."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -124,6 +126,8 @@ def save_hf_checkpoint(out: str | Path, *, config: dict, state: dict[str, torch.
                   metadata={"format": "pt"})
         if tokenizer:
             save_tokenizer(tokenizer, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -104,6 +104,7 @@ class SparseMaskMixin:
         self._staged_masks: dict[str, torch.Tensor] = {}  # see staged_masks()
         self.last_sample: MaskSample | None = None
         self._last_sq_norm: torch.Tensor | None = None  # the fused forward's regulariser
+        self.slorb: torch.nn.Module | None = None  # side branch, see megatron.sparse.slorb
         if mask_kind == "logits":
             logits = torch.nn.Parameter(torch.empty(self.mask_shape("logits"),
                                                     dtype=torch.float32, device=self.weight.device))
@@ -243,7 +244,10 @@ class SparseMaskMixin:
 
     # -- megatron hooks ------------------------------------------------------------------------
     def _forward_impl(self, input, weight, *args, **kwargs):
-        return super()._forward_impl(input, self.masked_weight(weight), *args, **kwargs)
+        output = super()._forward_impl(input, self.masked_weight(weight), *args, **kwargs)
+        if self.slorb is not None:  # on the local (pre-reduce) output
+            output = output + self.slorb(input, **kwargs)
+        return output
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Like the parent's, with the mask tensor sharded along the weight's TP axis."""
@@ -252,6 +256,8 @@ class SparseMaskMixin:
                     **{name: self.mask_partition_dim for name in MASK_TENSORS.values()}}
         if self.weight_partition_dim == 0:
             axis_map["bias"] = 0
+        if self.slorb is not None:
+            axis_map.update(self.slorb.axis_map("slorb."))
         return make_sharded_tensors_for_checkpoint(
             state_dict, prefix, axis_map, sharded_offsets, tp_group=self.tp_group,
             dp_cp_group=(metadata or {}).get("dp_cp_group"),

@@ -1,4 +1,5 @@
-"""SwiGLU MLP whose fc1 mask (logits or fixed choices) reshards, and draws noise, like its weight."""
+"""SwiGLU MLP whose fc1 mask (logits or fixed choices) and SLoRB ``S`` reshard, and whose mask
+draws noise, like its weight."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron.sparse.layers import MASK_TENSORS
 from megatron.sparse.sampling import NoiseIndex
+from megatron.sparse.slorb import FC1_ROW_TENSORS
 
 
 class SparseMLP(MLP):
@@ -36,7 +38,7 @@ class SparseMLP(MLP):
         if not self.config.gated_linear_unit:
             return sharded
         singleton = (metadata or {}).get("singleton_local_shards", False)
-        for name in MASK_TENSORS.values():
+        for name in (*MASK_TENSORS.values(), *FC1_ROW_TENSORS):
             key = f"{prefix}linear_fc1.{name}"
             if key in sharded:
                 sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets,

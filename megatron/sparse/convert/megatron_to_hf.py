@@ -10,6 +10,7 @@ import torch
 
 from megatron.sparse.layers import is_mask_key
 from megatron.sparse.model import LlamaArgs
+from megatron.sparse.slorb import is_slorb_key
 
 
 def split_qkv(qkv: torch.Tensor, args: LlamaArgs) -> tuple[torch.Tensor, ...]:
@@ -43,6 +44,26 @@ def linear_to_hf(key: str, tensor: torch.Tensor, args: LlamaArgs) -> dict[str, t
     return {}
 
 
+def slorb_to_hf(state: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
+    """SLoRB tensors -> HF ``<proj>.slorb_S`` (rows split like the weight) and ``.slorb_X``.
+
+    ``slorb.X [in/k, k]`` acts on the input, so every HF projection a megatron linear splits
+    into (q/k/v, gate/up) gets its own copy.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not key.endswith(".slorb.S"):
+            continue
+        base = key.removesuffix(".slorb.S")
+        projection = state.get(base + ".slorb.X")
+        for hf_key, rows in linear_to_hf(base + ".weight", tensor, args).items():
+            stem = hf_key.removesuffix(".weight")
+            out[stem + ".slorb_S"] = rows
+            if projection is not None:
+                out[stem + ".slorb_X"] = projection.clone()
+    return out
+
+
 _DIRECT = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
@@ -51,10 +72,11 @@ _DIRECT = {
 
 
 def megatron_to_hf(state: dict[str, torch.Tensor], args: LlamaArgs) -> dict[str, torch.Tensor]:
-    """Convert a megatron state dict (mask tensors and ``_extra_state`` are ignored)."""
-    out: dict[str, torch.Tensor] = {}
+    """Convert a megatron state dict (mask tensors and ``_extra_state`` are ignored; SLoRB
+    tensors map by :func:`slorb_to_hf`)."""
+    out: dict[str, torch.Tensor] = slorb_to_hf(state, args)
     for key, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor) or is_mask_key(key):
+        if not isinstance(tensor, torch.Tensor) or is_mask_key(key) or is_slorb_key(key):
             continue
         if key in _DIRECT:
             out[_DIRECT[key]] = tensor

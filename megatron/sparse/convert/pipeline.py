@@ -11,6 +11,7 @@ import torch
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse.convert.hf_to_megatron import hf_to_megatron
 from megatron.sparse.convert.megatron_to_hf import megatron_to_hf
+from megatron.sparse.export.slorb_hf import hf_export_parts
 from megatron.sparse.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint, save_tokenizer
 from megatron.sparse.model import LlamaArgs
 
@@ -84,15 +85,18 @@ def convert_hf_to_megatron(hf: str, out: str | Path, *, tp: int, overwrite: bool
 
 def convert_megatron_to_hf(load: str | Path, out: str | Path, *, overwrite: bool = False,
                            log=print) -> Path:
-    """megatron-sparse checkpoint (any TP) -> HF safetensors directory, weights as stored."""
+    """megatron-sparse checkpoint (any TP) -> HF safetensors directory, weights as stored.
+
+    A SLoRB checkpoint becomes a ``slorb_llama`` directory (:mod:`megatron.sparse.export.slorb_hf`).
+    """
     out = Path(out)
     check_output_dir(out, overwrite)
     meta = ckpt.read_checkpoint_meta(load)
     model, args = ckpt.load_model(load, mask_kind="dense", params_dtype=_dtype_of(meta))
     state = megatron_to_hf(model.state_dict(), args)
-    config = meta.get("hf_config") or hf_config_from_args(args)
+    config, files = hf_export_parts(meta, meta.get("hf_config") or hf_config_from_args(args))
     save_hf_checkpoint(out, config=config, state=state, tokenizer=meta.get("tokenizer"),
-                       overwrite=overwrite)
+                       overwrite=overwrite, extra_files=files)
     log(f"wrote {out}")
     return out
 

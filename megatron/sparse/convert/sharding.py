@@ -5,8 +5,10 @@ Layouts per TP rank r of n (DESIGN "Model and conversion"):
   qkv stored per KV group ``[q_g; k_g; v_g]`` a row chunk holds whole KV groups;
 - ``linear_fc1``: ``[gate_r; up_r]`` (chunk r of gate rows, then chunk r of up rows);
 - row-parallel (``linear_proj``, ``linear_fc2``): input columns chunk r of n;
-- mask tensors (``mask_logits [rows, groups, 6]``, ``mask_choice [rows, groups]``) follow their
-  weight (rows, or groups for row-parallel);
+- mask tensors (``mask_logits [rows, groups, 6]``, ``mask_choice [rows, groups]``) and SLoRB's
+  ``slorb.S [rows, in/k]`` follow their weight (rows, or groups for row-parallel); SLoRB's
+  trainable projection ``slorb.X [in/k, k]`` is replicated for column-parallel linears and split
+  along its rows (the input groups) for row-parallel ones;
 - everything else (norms) is replicated.
 """
 
@@ -20,12 +22,14 @@ _ROW = (".linear_proj.", ".linear_fc2.")
 
 
 def _sharded_like_weight(key: str) -> bool:
-    return key.endswith(".weight") or key.endswith(".mask_logits") or key.endswith(".mask_choice")
+    return key.endswith((".weight", ".mask_logits", ".mask_choice", ".slorb.S"))
 
 
 def _rule(key: str) -> str:
     if key.endswith("_extra_state"):
         return "skip"
+    if key.endswith(".slorb.X"):
+        return "groups" if any(p in key for p in _ROW) else "replicated"
     if _FC1 in key and _sharded_like_weight(key):
         return "fc1"
     if any(p in key or key.startswith(p) for p in _COLUMN) and not key.endswith("layer_norm_weight"):
@@ -47,8 +51,8 @@ def shard_tensor(key: str, t: torch.Tensor, tp_size: int) -> list[torch.Tensor]:
     rule = _rule(key)
     if rule == "column":
         return [p.clone() for p in _split(t, tp_size, 0, key)]
-    if rule == "row":
-        return [p.clone() for p in _split(t, tp_size, 1, key)]
+    if rule in ("row", "groups"):
+        return [p.clone() for p in _split(t, tp_size, 1 if rule == "row" else 0, key)]
     if rule == "fc1":
         gate, up = _split(t, 2, 0, key)
         return [torch.cat([g, u], 0) for g, u in zip(_split(gate, tp_size, 0, key),
@@ -61,8 +65,8 @@ def merge_tensor(key: str, pieces: list[torch.Tensor]) -> torch.Tensor:
     rule = _rule(key)
     if rule == "column":
         return torch.cat(pieces, 0)
-    if rule == "row":
-        return torch.cat(pieces, 1)
+    if rule in ("row", "groups"):
+        return torch.cat(pieces, 1 if rule == "row" else 0)
     if rule == "fc1":
         halves = [torch.chunk(p, 2, 0) for p in pieces]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
@@ -91,7 +95,7 @@ def full_shape(key: str, local_shape: tuple[int, ...], tp_size: int) -> tuple[in
     """Shape of the unsharded tensor whose TP shard ``key`` has ``local_shape``."""
     shape = list(local_shape)
     rule = _rule(key)
-    if rule in ("column", "fc1"):
+    if rule in ("column", "fc1", "groups"):
         shape[0] *= tp_size
     elif rule == "row":
         shape[1] *= tp_size

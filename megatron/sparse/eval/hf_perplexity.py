@@ -51,17 +51,32 @@ def apply_mask_file(model, path) -> int:
     return len(masks)
 
 
-def load_hf_model(spec: str, *, dtype=torch.float32):
-    """A ``transformers`` causal LM: ``embedded`` (the dequantized SmolLM2 GGUF) or a HF dir."""
+def load_hf_model(spec: str, *, dtype=torch.float32, trust_remote_code: bool = False):
+    """A ``transformers`` causal LM: ``embedded`` (the dequantized SmolLM2 GGUF) or a HF dir.
+
+    A directory whose config has an ``auto_map`` (custom modeling code) loads with
+    ``trust_remote_code`` when its modeling file is the one megatron-sparse's SLoRB export writes,
+    or when ``trust_remote_code`` is given; any other custom code is refused.
+    """
     if spec == "embedded":
         from megatron.sparse.embedded import load_embedded_model
 
         return load_embedded_model().to(dtype).eval()
+    import json
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
-    if not (Path(spec) / "config.json").is_file():
+    from megatron.sparse.export.slorb_hf import ships_our_modeling_file
+
+    config = Path(spec) / "config.json"
+    if not config.is_file():
         raise FileNotFoundError(f"--model {spec}: not 'embedded' or a Hugging Face model "
                                 f"directory with config.json")
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).eval()
+    remote = "auto_map" in json.loads(config.read_text())
+    if remote and not (trust_remote_code or ships_our_modeling_file(spec)):
+        raise ValueError(f"--model {spec} needs its own modeling code (config auto_map) that is "
+                         f"not megatron-sparse's SLoRB file; pass --trust-remote-code if you "
+                         f"trust it")
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype,
+                                                trust_remote_code=remote).eval()

@@ -13,6 +13,7 @@ from megatron.sparse.convert.megatron_to_hf import linear_to_hf, megatron_to_hf
 from megatron.sparse.convert.pipeline import (_dtype_of, check_output_dir, hf_config_from_args)
 from megatron.sparse.convert.sharding import shard_tensor
 from megatron.sparse.export.maskfile import expected_mask_shapes, load_mask_file, save_mask_file
+from megatron.sparse.export.slorb_hf import hf_export_parts
 from megatron.sparse.export.trim import eval_masks, masked_state_dict
 from megatron.sparse.hf_checkpoint import save_hf_checkpoint
 from megatron.sparse.layers import sparse_layers
@@ -38,7 +39,10 @@ def hf_masks(masks: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
 
 def export_hf(load: str, out: str | Path, *, mask_file: str | Path | None = None,
               overwrite: bool = False, log=print) -> tuple[Path, Path]:
-    """Trim a checkpoint (any TP) to a masked HF safetensors dir plus the packed mask file."""
+    """Trim a checkpoint (any TP) to a masked HF safetensors dir plus the packed mask file.
+
+    SLoRB branches are exported as a ``slorb_llama`` model (:mod:`megatron.sparse.export.slorb_hf`).
+    """
     out = Path(out)
     check_output_dir(out, overwrite)
     meta = ckpt.read_checkpoint_meta(load)
@@ -52,8 +56,9 @@ def export_hf(load: str, out: str | Path, *, mask_file: str | Path | None = None
     if bad:
         raise ValueError(f"masks of {bad[0]} are not 2:4")
     state = megatron_to_hf(masked_state_dict(model, masks), args)
-    save_hf_checkpoint(out, config=hf_config(meta, args), state=state,
-                       tokenizer=meta.get("tokenizer"), overwrite=overwrite)
+    config, files = hf_export_parts(meta, hf_config(meta, args))
+    save_hf_checkpoint(out, config=config, state=state, tokenizer=meta.get("tokenizer"),
+                       overwrite=overwrite, extra_files=files)
     mask_path = Path(mask_file) if mask_file else out / MASK_FILE
     save_mask_file(mask_path, hf_masks(masks, args))
     kept = sum(int(m.sum()) for m in masks.values())
