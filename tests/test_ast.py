@@ -207,7 +207,8 @@ def test_resume_after_sigkill_is_bitwise_identical(setup, tmp_path):
     common = ["--load", base, "--data", data, "--seq-length", "16", "--micro-batch-size", "2",
               "--global-batch-size", "4", "--train-iters", "6", "--save-interval", "2",
               "--mask-interval", "3", "--lr", "1e-2", "--warmup-iters", "0", "--srste-decay",
-              "0.05", "--srste-warmup-iters", "4", "--kd-weight", "0", "--tp", "2"]
+              "0.05", "--srste-warmup-iters", "4", "--kd-weight", "0.5", "--slorb-k", "16",
+              "--slorb-train-projection", "--tp", "2"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     with open(tmp_path / "full.log", "w") as log:
         assert _launch("train_ast", [*common, "--save", str(full)], log).wait(timeout=600) == 0
@@ -226,6 +227,7 @@ def test_resume_after_sigkill_is_bitwise_identical(setup, tmp_path):
     a, b = run_distributed(_load_tensors, 1, str(full)), run_distributed(_load_tensors, 1,
                                                                         str(killed))
     assert a.keys() == b.keys() and any(k.endswith("mask_choice") for k in a)
+    assert any(k.endswith("slorb.S") for k in a) and any(k.endswith("slorb.X") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     history = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
@@ -260,6 +262,8 @@ def _stamps(target):
 
 @pytest.mark.parametrize("case,match", [
     ("interval", "--mask-interval 0"),
+    ("slorb_k", "SLoRB k=3 does not divide"),
+    ("teacher", "is a checkpoint of another model"),
     ("ast_with_train_mask", "is a ast training run, not maskllm"),
     ("train_mask_with_ast", "is a maskllm training run, not ast"),
 ])
@@ -279,7 +283,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(setup, trained, tmp_pa
             Trainer(TrainConfig(load=base, data=data, save=target, seq_length=16,
                                 micro_batch_size=2, global_batch_size=4, train_iters=1)).run()
     before = _stamps(target)
-    extra = ["--mask-interval", 0] if case == "interval" else ["--save", target]
+    extra = {"interval": ["--mask-interval", 0], "slorb_k": ["--slorb-k", 3],
+             "teacher": ["--kd-weight", 0.5, "--teacher",
+                         tiny_checkpoint(str(tmp_path / "other"), hidden_size=32)]}.get(
+                             case, ["--save", target])
     result = run_tool_in_process(tool, *common, *extra)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

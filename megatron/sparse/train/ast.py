@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse import mask as mask_ops
+from megatron.sparse import slorb
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.parallel import print_rank0
 from megatron.sparse.prune.magnitude import magnitude_mask
@@ -103,6 +104,7 @@ class AdaptiveSparseTraining(TrainingMethod):
                             f"{cfg.mask_interval} steps")
             self.initial = argmax_snapshot(model)
         self.previous = argmax_snapshot(model)
+        self._attach_slorb()
         self.teacher = self._teacher() if trainer.distill.enabled else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         sparse_weight = {id(layer.weight): layer for layer in self.layers}
@@ -115,6 +117,21 @@ class AdaptiveSparseTraining(TrainingMethod):
             [{"params": self.params}], pruned_mask=pruned_mask, lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay, mode=cfg.srste_mode)
+
+    def _attach_slorb(self) -> None:
+        """SLoRB branches (``--slorb-k``), initialised from the starting weights and masks; a
+        resumed run (or a SLoRB checkpoint as ``--load``) already has its own."""
+        cfg, model = self.cfg, self.trainer.model
+        have = slorb.slorb_config(model)
+        if have is not None:
+            if cfg.slorb_k and cfg.slorb_k != have["k"]:
+                raise ValueError(f"--slorb-k {cfg.slorb_k}: {self.trainer.source} carries SLoRB "
+                                 f"with k={have['k']}; use --slorb-k {have['k']}")
+            return
+        if cfg.slorb_k:
+            slorb.attach_slorb(model, k=cfg.slorb_k, train_projection=cfg.slorb_train_projection)
+            print_rank0(f"SLoRB: k={cfg.slorb_k}, projection "
+                        f"{'trained' if cfg.slorb_train_projection else 'fixed'}")
 
     def _teacher(self) -> FrozenTeacher:
         """The frozen dense teacher: ``--teacher``, else the dense weights ``--load`` came from

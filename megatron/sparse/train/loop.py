@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron.sparse import checkpoint as ckpt
+from megatron.sparse import slorb
 from megatron.sparse.compat import default_device
 from megatron.sparse.eval.perplexity import megatron_perplexity
 from megatron.sparse.model import LlamaArgs
@@ -61,6 +62,7 @@ class Trainer:
         self.args = LlamaArgs.from_dict(self.meta["model"])
         self.device = default_device()
         self.model = self.args.build(mask_kind=self.method.mask_kind, device=self.device)
+        slorb.attach_from_meta(self.model, self.meta)  # a SLoRB run's branches load too
         print_rank0(f"loading {self.source} at TP={self.tp} x DP={self.dp}")
         ckpt.load_into(self.source, self.model, masks=False)
         self.step = 0
