@@ -175,7 +175,8 @@ def test_tp1_and_tp2_give_the_same_run(setup):
     root, base, data = setup
     # Adam divides by sqrt(v) + eps: with eps 1e-8 a weight whose gradient is ~0 moves by ~lr
     # in a direction set by rounding; eps 1e-4 bounds the update's sensitivity to a gradient
-    # rounding difference d by lr * d / eps (~1e-8 here), so TP=1 and TP=2 weights must agree.
+    # rounding difference d by lr * d / eps = 100 d per step. TP=2 sums the products in another
+    # order (d up to ~1e-8 on gradients ~1e-2), so 4 steps differ by at most ~4e-6: atol 1e-5.
     cfg = _cfg(base, data, adam_eps=1e-4)
     ref = run_distributed(_train_and_watch, 1, cfg)
     got = run_distributed(_train_and_watch, 2, cfg)  # TP=2
@@ -184,7 +185,7 @@ def test_tp1_and_tp2_give_the_same_run(setup):
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]),
                                rtol=1e-5, atol=1e-6)
     for key, value in ref["weights"].items():
-        torch.testing.assert_close(got["weights"][key], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["weights"][key], value, rtol=1e-4, atol=1e-5)
 
 
 def _launch(tool, args, log, *, nproc: int = 2):
