@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 EMBEDDED = "embedded"
@@ -38,12 +39,24 @@ def load_tokenizer(spec: str):
         return SentencePieceTokenizer(spec)
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(spec)
+    try:  # tokenizers never run a directory's own code (a SLoRB export ships modeling code)
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=False,
+                                             **_plain_config(spec))
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"cannot load a tokenizer from {spec!r} (not 'embedded', a HF "
                                 f"tokenizer directory/id or a sentencepiece .model): "
                                 f"{str(exc).splitlines()[0]}") from None
+
+
+def _plain_config(spec: str) -> dict:
+    """``{"config": LlamaConfig()}`` for a SLoRB export (its ``slorb_llama`` config is custom
+    code, and its tokenizer files name their class), else nothing."""
+    path = Path(spec) / "config.json"
+    if path.is_file() and json.loads(path.read_text()).get("model_type") == "slorb_llama":
+        from transformers import LlamaConfig
+
+        return {"config": LlamaConfig()}
+    return {}
 
 
 def encode(tokenizer, text: str) -> list[int]:
