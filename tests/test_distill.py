@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megatron.sparse import checkpoint, parallel
 from megatron.sparse.layers import is_mask_key, set_mask_state, sparse_layers
 from megatron.sparse.model import model_forward
+from megatron.sparse.train import distill
 from megatron.sparse.train.distill import (
     DistillConfig, FrozenTeacher, MaskOffTeacher, combined_loss, student_loss, vocab_parallel_kl,
 )
@@ -50,7 +51,9 @@ def _sharded_kl(student, teacher, weights, temperature, tp, group):
 
 
 def _kl_at_tp_2_and_4(student, teacher, weights, temperature):
-    """On 4 ranks: TP=4 through megatron's group (tp_group=None), TP=2 on two subgroups."""
+    """On 4 ranks: TP=4 through megatron's group (tp_group=None), TP=2 on two subgroups; chunks
+    of 1 (TP=2) and 2 rows (TP=4) of the 6."""
+    distill._CHUNK_ELEMENTS = 40
     rank = dist.get_rank()
     halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
     return {4: _sharded_kl(student, teacher, weights, temperature, 4, None),
@@ -64,8 +67,9 @@ KL_TOL = dict(rtol=1e-5, atol=2e-5)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_kl_at_tp1_matches_kl_div(temperature):
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 1 << 22), (2.0, 4 * VOCAB)])
+def test_kl_at_tp1_matches_kl_div(temperature, chunk, monkeypatch):
+    monkeypatch.setattr(distill, "_CHUNK_ELEMENTS", chunk)  # 4 * VOCAB: chunks of 4 + 2 rows
     student, teacher, weights = _logits(seed=11)
     ref_kl, ref_grad = _reference(student, teacher, weights, temperature)
     s = student.clone().requires_grad_(True)
@@ -162,33 +166,53 @@ def test_mask_off_teacher_is_the_dense_model_and_leaves_the_student_alone():
     assert all(layer.mask_state.enabled for _, layer in sparse_layers(student))
 
 
+def _mask_grads(model):
+    grads = [layer.mask_logits.grad.clone() for _, layer in sparse_layers(model)]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def test_student_loss_is_ce_plus_kd_from_one_forward():
     with parallel.distributed(1):
-        args, student = _masked_student()
+        args, student = _masked_student()  # a fixed noise seed: every forward draws one mask
         tokens, labels = _tokens(1, args.vocab_size)
         plain = model_forward(student, tokens, labels)
         ce_only, _ = student_loss(student, tokens, labels, DistillConfig())
         assert torch.equal(ce_only, plain.float().mean())  # kd_weight 0: today's loss exactly
         cfg = DistillConfig(ce_weight=1.0, kd_weight=0.5, kd_temperature=2.0)
+        student.zero_grad(set_to_none=True)
         loss, parts = student_loss(student, tokens, labels, cfg, MaskOffTeacher(student))
         loss.backward()
-        logits = model_forward(student, tokens).detach()
+        grads = _mask_grads(student)
+        # reference: plain PyTorch losses on the full logits of a second, identical forward
         teacher = MaskOffTeacher(student).logits(tokens)
-        grads = [layer.mask_logits.grad for _, layer in sparse_layers(student)]
-    ref_ce = F.cross_entropy(logits.reshape(-1, args.vocab_size).double(), labels.reshape(-1))
-    ref_kd, _ = _reference(logits, teacher, torch.ones(labels.shape), 2.0)
-    torch.testing.assert_close(parts["ce"].double(), ref_ce, **KL_TOL)
+        logits = model_forward(student, tokens)
+        flat = logits.reshape(-1, args.vocab_size)
+        ref_ce = F.cross_entropy(flat, labels.reshape(-1))
+        ref_kd = F.kl_div(F.log_softmax(flat / 2.0, -1),
+                          F.log_softmax(teacher.reshape(-1, args.vocab_size) / 2.0, -1),
+                          log_target=True, reduction="none").sum(-1).mean() * 4.0
+        (ref_ce + 0.5 * ref_kd).backward()
+        ref_grads = _mask_grads(student)
+    torch.testing.assert_close(parts["ce"], ref_ce, **KL_TOL)
     torch.testing.assert_close(parts["ce"], plain.mean())  # megatron's CE, from the logits
-    torch.testing.assert_close(parts["kd"].double(), ref_kd.mean(), **KL_TOL)
-    torch.testing.assert_close(loss.double(), ref_ce + 0.5 * ref_kd.mean(), **KL_TOL)
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    torch.testing.assert_close(parts["kd"], ref_kd, **KL_TOL)
+    torch.testing.assert_close(loss, ref_ce + 0.5 * ref_kd, **KL_TOL)
+    for got, want in zip(grads, ref_grads):
+        assert want.abs().sum() > 0
+        # both fp32; the two paths differ in summation order only (~1e-6 relative)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
-    return {name: tiny_checkpoint(str(root / name), **overrides) for name, overrides in
-            (("base", {}), ("vocab", {"vocab_size": 128}), ("hidden", {"hidden_size": 32}))}
+    out = {"base": tiny_checkpoint(str(root / "base"))}
+    for name, overrides in (("vocab", {"vocab_size": 128}), ("hidden", {"hidden_size": 32})):
+        # model_args.json only: the mismatch must be refused before any weight is read
+        checkpoint.write_model_args(root / name, tiny_gqa(**overrides))
+        out[name] = str(root / name)
+    return out
 
 
 def test_frozen_teacher_loads_the_dense_weights_frozen(checkpoints):
@@ -259,3 +283,16 @@ def test_mask_learning_with_kd_gives_the_same_losses_at_tp1_and_tp2(checkpoints,
     # the teacher forward leaves the student's sampling alone: step 0 has the plain run's CE
     assert ref[0, 1].item() == no_kd[0][0]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # as test_train's TP parity
+
+
+def test_kl_of_bf16_student_logits_is_computed_in_fp32():
+    student, teacher, weights = _logits(seed=17)
+    low = student.bfloat16()
+    ref_kl, ref_grad = _reference(low.float(), teacher, weights, 2.0)  # the rounded inputs
+    s = low.clone().requires_grad_(True)
+    kl = vocab_parallel_kl(s, teacher, temperature=2.0)
+    (kl * weights).sum().backward()
+    assert kl.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(kl.double(), ref_kl, **KL_TOL)
+    # the gradient is rounded to bf16 (8 bits of mantissa: 4e-3 relative)
+    torch.testing.assert_close(s.grad.double(), ref_grad, rtol=1e-2, atol=1e-3)

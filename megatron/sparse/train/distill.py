@@ -25,6 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.sparse import checkpoint as ckpt
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.model import LlamaArgs, model_forward
+from megatron.sparse.parallel import print_rank0
 
 
 @dataclass
@@ -79,6 +80,10 @@ def _all_reduce(t: torch.Tensor, group, op) -> None:
         dist.all_reduce(t, op=op, group=group)
 
 
+_CHUNK_ELEMENTS = 1 << 22
+"""Logits per temporary buffer of the KL (16 MiB in fp32): the full-size memory is one buffer."""
+
+
 class _VocabParallelKL(torch.autograd.Function):
     """Per-token ``T^2 * KL(softmax(t/T) || softmax(s/T))`` over vocab shards; gradient to ``s``.
 
@@ -86,37 +91,50 @@ class _VocabParallelKL(torch.autograd.Function):
     ``Z_b = sum exp(b)`` and ``C = sum exp(b) (b - a)`` (all sums all-reduced over the group):
     ``KL = C / Z_b - log Z_b + log Z_a``. Its gradient is ``T (p_s - p_t)`` per logit, local to
     each shard (the per-token result is replicated on every rank), so backward needs no
-    communication; only that difference is saved.
+    communication. Rows are processed in chunks; the only full-size buffer is that difference,
+    saved for backward.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, group):
-        work = torch.promote_types(student.dtype, torch.float32)  # fp32 at least (fp64 kept)
-        a = student.to(work) / temperature  # fresh buffers: the in-place steps stay local
-        b = teacher.to(work) / temperature
-        maxima = torch.stack([a.amax(dim=-1), b.amax(dim=-1)])
+        work = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype),
+                                   torch.float32)  # fp32 at least (fp64 kept)
+        vocab = student.shape[-1]
+        s, t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+        step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+        spans = [slice(lo, lo + step) for lo in range(0, s.shape[0], step)]
+
+        def scaled(x, row, span):  # x/T - max for one chunk, a fresh buffer
+            return x[span].to(work).div(temperature).sub_(maxima[row, span, None])
+
+        # division by T > 0 is monotonic: max(x / T) == max(x) / T exactly
+        maxima = torch.stack([s.amax(dim=-1).to(work), t.amax(dim=-1).to(work)]).div_(temperature)
         _all_reduce(maxima, group, dist.ReduceOp.MAX)
-        a.sub_(maxima[0].unsqueeze(-1))
-        b.sub_(maxima[1].unsqueeze(-1))
-        p_s = a.exp()
-        a.neg_().add_(b)  # a now holds b - a
-        p_t = b.exp_()
-        sums = torch.stack([p_s.sum(dim=-1), p_t.sum(dim=-1),
-                            torch.linalg.vecdot(p_t, a, dim=-1)])
-        del a
+        diff = torch.empty(s.shape, dtype=work, device=s.device)  # exp(a), then p_s - p_t
+        sums = torch.empty((3, s.shape[0]), dtype=work, device=s.device)
+        for span in spans:
+            a, b = scaled(s, 0, span), scaled(t, 1, span)
+            sums[0, span] = torch.exp(a, out=diff[span]).sum(dim=-1)
+            a.neg_().add_(b)  # b - a
+            b.exp_()
+            sums[1, span] = b.sum(dim=-1)
+            sums[2, span] = torch.linalg.vecdot(b, a, dim=-1)
         _all_reduce(sums, group, dist.ReduceOp.SUM)
         z_s, z_t, cross = sums
         kl = cross / z_t + z_s.log() - z_t.log()
-        diff = p_s.div_(z_s.unsqueeze(-1)).sub_(p_t.div_(z_t.unsqueeze(-1)))
+        for span in spans:
+            p_t = scaled(t, 1, span).exp_().div_(z_t[span, None])
+            diff[span].div_(z_s[span, None]).sub_(p_t)
         ctx.save_for_backward(diff)
         ctx.temperature = temperature
         ctx.dtype = student.dtype
-        return kl * temperature**2
+        return (kl * temperature**2).reshape(student.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_output):
         (diff,) = ctx.saved_tensors
-        grad = diff * (grad_output.to(diff.dtype) * ctx.temperature).unsqueeze(-1)
+        scale = (grad_output.to(diff.dtype) * ctx.temperature).reshape(-1, 1)
+        grad = (diff * scale).reshape(*grad_output.shape, diff.shape[-1])
         return grad.to(ctx.dtype), None, None, None
 
 
@@ -146,6 +164,18 @@ def _token_mean(per_token: torch.Tensor, loss_mask: torch.Tensor | None) -> torc
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def _weighted(ce_per_token: torch.Tensor, kd_per_token: torch.Tensor | None, cfg: DistillConfig,
+              loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ce = _token_mean(ce_per_token, loss_mask)
+    loss = ce * cfg.ce_weight
+    parts = {"ce": ce.detach()}
+    if kd_per_token is not None:
+        kd = _token_mean(kd_per_token, loss_mask)
+        loss = loss + kd * cfg.kd_weight
+        parts["kd"] = kd.detach()
+    return loss, parts
+
+
 def combined_loss(ce_per_token: torch.Tensor, student_logits: torch.Tensor | None,
                   teacher_logits: torch.Tensor | None, cfg: DistillConfig,
                   loss_mask: torch.Tensor | None = None,
@@ -155,19 +185,14 @@ def combined_loss(ce_per_token: torch.Tensor, student_logits: torch.Tensor | Non
     Returns the loss and its detached parts ``{"ce": ..., "kd": ...}`` (``kd`` only when
     ``cfg.kd_weight > 0``; then both logits are needed).
     """
-    ce = _token_mean(ce_per_token, loss_mask)
-    loss = ce * cfg.ce_weight
-    parts = {"ce": ce.detach()}
+    kd = None
     if cfg.enabled:
         if student_logits is None or teacher_logits is None:
             raise ValueError("a distillation loss (kd_weight > 0) needs student and teacher "
                              "logits")
-        kd = _token_mean(vocab_parallel_kl(student_logits, teacher_logits,
-                                           temperature=cfg.kd_temperature, tp_group=tp_group),
-                         loss_mask)
-        loss = loss + kd * cfg.kd_weight
-        parts["kd"] = kd.detach()
-    return loss, parts
+        kd = vocab_parallel_kl(student_logits, teacher_logits, temperature=cfg.kd_temperature,
+                               tp_group=tp_group)
+    return _weighted(ce_per_token, kd, cfg, loss_mask)
 
 
 def student_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
@@ -180,14 +205,17 @@ def student_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Ten
     megatron-core's ``vocab_parallel_cross_entropy`` (the same CE ``model_forward`` computes).
     """
     if not cfg.enabled:
-        return combined_loss(model_forward(model, tokens, labels), None, None, cfg, loss_mask)
+        return _weighted(model_forward(model, tokens, labels), None, cfg, loss_mask)
     if teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher (MaskOffTeacher or FrozenTeacher)")
     teacher_logits = teacher.logits(tokens)
     logits = model_forward(model, tokens)
-    # megatron's CE shifts an fp32 input in place: it gets a copy, the KL reads the logits
-    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels)
-    return combined_loss(ce, logits, teacher_logits, cfg, loss_mask)
+    kd = vocab_parallel_kl(logits, teacher_logits, temperature=cfg.kd_temperature)
+    del teacher_logits
+    # megatron's CE shifts an fp32 input in place; the KL kept only its own buffer, so the
+    # logits need no copy, but the KL must come first
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    return _weighted(ce, kd, cfg, loss_mask)
 
 
 class MaskOffTeacher:
@@ -211,6 +239,19 @@ class MaskOffTeacher:
         finally:
             for (_, layer), enabled in zip(layers, saved):
                 layer.mask_state.enabled = enabled
+
+
+def mask_off_teacher(model: torch.nn.Module, cfg: DistillConfig,
+                     meta: dict) -> MaskOffTeacher | None:
+    """The mask-learning teacher of a run loaded from a checkpoint with ``meta``; None without
+    distillation. Weights updated by one-shot pruning are not the dense model: say so."""
+    if not cfg.enabled:
+        return None
+    if meta.get("weights_updated"):
+        print_rank0("note: --load holds weights updated by one-shot pruning, so the mask-off "
+                    "teacher is not the dense model; load the dense checkpoint and pass the "
+                    "pruned one as --prior")
+    return MaskOffTeacher(model)
 
 
 def check_teacher(teacher: LlamaArgs, student: LlamaArgs, source: str | Path) -> None:

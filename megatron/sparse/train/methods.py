@@ -24,7 +24,7 @@ from megatron.sparse.parallel import print_rank0
 from megatron.sparse.train import schedules
 from megatron.sparse.train.collectives import all_reduce, tp_group
 from megatron.sparse.train.config import TrainConfig
-from megatron.sparse.train.distill import MaskOffTeacher, student_loss
+from megatron.sparse.train.distill import mask_off_teacher, student_loss
 
 if TYPE_CHECKING:
     from megatron.sparse.train.loop import Trainer
@@ -130,7 +130,7 @@ class MaskLearning(TrainingMethod):
     def setup(self, trainer: "Trainer", resume_dir: Path | None) -> None:
         cfg, model = self.cfg, trainer.model
         self.trainer = trainer
-        self.teacher = MaskOffTeacher(model) if trainer.distill.enabled else None
+        self.teacher = mask_off_teacher(model, trainer.distill, trainer.meta)
         for p in model.parameters():
             p.requires_grad_(False)
         self.params = [layer.mask_logits for _, layer in sparse_layers(model)]
