@@ -7,8 +7,10 @@ interleaved rep by rep (the ratio is the median of the per-rep ratios). The GEMM
 the ratio (exact logit gradients, free mask math) is printed beside it.
 
 With ``--reg-lambda`` the mask step also adds the sparse-weight regulariser, as the trainer does.
+With ``--ast`` it times adaptive sparse training instead (benchmarks/ast_step.py): the AST step
+without and with the KD teacher forward, and with SLoRB, against a dense full-weight step.
 
-    python benchmarks/bench_train_step.py [--seq-length 2048] [--layers 30] [--reps 3]
+    python benchmarks/bench_train_step.py [--seq-length 2048] [--layers 30] [--reps 3] [--ast]
 """
 
 from __future__ import annotations
@@ -55,11 +57,22 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--reg-lambda", type=float, default=0.0,
                    help="add -lambda * sum ||sg(W) M||^2 to the mask step's loss (trainer's form)")
+    p.add_argument("--ast", action="store_true",
+                   help="time the AST step (+ KD, + SLoRB) against a dense full-weight step")
     args = p.parse_args()
     parallel.initialize(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model_args = LlamaArgs(num_layers=args.layers, **SMOLLM2_135M)
+    if args.ast:
+        import ast_step  # benchmarks/ast_step.py
+
+        print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} "
+              f"layers={args.layers} reps={args.reps}")
+        ast_step.run(model_args, batch=args.batch, seq=args.seq_length, reps=args.reps,
+                     device=device, dtype=dtype)
+        parallel.shutdown()
+        return
     sparse = model_args.build(sparse=True, params_dtype=dtype, device=device)
     dense = model_args.build(sparse=False, params_dtype=dtype, device=device)
     for m in (sparse, dense):

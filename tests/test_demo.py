@@ -34,9 +34,10 @@ def test_demo_pipeline_reduced_budget(embedded_dense, tmp_path):
 
     table = (work / "results.md").read_text()
     ppl = dict(re.findall(r"^\| (\w+) \| ([\d.]+) \|$", table, flags=re.M))
-    assert set(ppl) == {"dense", "magnitude", "Wanda", "SparseGPT", "MaskLLM"}, table
+    assert set(ppl) == {"dense", "magnitude", "Wanda", "SparseGPT", "MaskLLM", "AST"}, table
     assert float(ppl["dense"]) < min(float(v) for k, v in ppl.items() if k != "dense")
     assert "(MaskLLM - dense) / (SparseGPT - dense)" in table
+    assert "(AST - dense) / (SparseGPT - dense)" in table
     assert (work / "maskllm_curves.png").read_bytes()[:4] == b"\x89PNG"
 
     metrics = (work / "maskllm" / "metrics.jsonl").read_text().splitlines()

@@ -26,11 +26,16 @@ LAUNCHERS = {
     "train_mask_llama3_8b_tp8.sh": ((), {}, "train_mask", 8),
     "train_mask_llama3.1_8b_tp8.sh": ((), {}, "train_mask", 8),
     "_train_mask_tp8.sh": ((), {"MODEL_TAG": "llama3-8b"}, "train_mask", 8),
+    "train_ast_llama2_7b_tp8.sh": ((), {}, "train_ast", 8),
+    "train_ast_llama3_8b_tp8.sh": ((), {}, "train_ast", 8),
+    "train_ast_llama3.1_8b_tp8.sh": ((), {}, "train_ast", 8),
+    "_train_ast_tp8.sh": ((), {"MODEL_TAG": "llama3.1-8b"}, "train_ast", 8),
     "evaluate_llama2_7b_wikitext2.sh": ((), {}, "eval", 8),
     "evaluate_llama3_8b_wikitext2.sh": ((), {}, "eval", 8),
     "evaluate_llama3.1_8b_wikitext2.sh": ((), {}, "eval", 8),
     "export_llama2_7b_hf.sh": ((), {"DENSE": "/models/none"}, "export", 1),
     "slurm/train_mask.sbatch": ((), {"SLURM_NNODES": "2"}, "train_mask", 8),
+    "slurm/train_ast.sbatch": ((), {"SLURM_NNODES": "2"}, "train_ast", 8),
     "preprocess_c4.sh": ((), {}, None, None),
 }
 _CLEAN = ("CKPT", "DATA", "SAVE", "PRIOR", "CALIB_DATA", "LOAD", "TP", "NPROC", "NNODES",
@@ -66,7 +71,7 @@ def test_launcher_dry_run_prints_its_plan(script):
                      re.M), out
     assert re.search(rf"^check: TP {tp} divides \d+ attention heads, \d+ KV heads", out, re.M)
     assert "missing (not checked in a dry run)" in out  # unset CKPT etc. are reported
-    if script == "slurm/train_mask.sbatch":
+    if script in ("slurm/train_mask.sbatch", "slurm/train_ast.sbatch"):
         assert "world size 16 (2 node(s) x 8 process(es))" in out
 
 

@@ -65,6 +65,17 @@ class DemoConfig:
     """Held-out PPL every N mask-learning steps (for the curve)."""
     methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
     """One-shot baselines in the table."""
+    ast: bool = True
+    """Add adaptive sparse training (docs/ast.md) from the SparseGPT masks at MaskLLM's token
+    budget (the same steps and batch): weights retrained, KD from the dense model, SLoRB."""
+    ast_lr: float = 1e-4
+    """AST peak learning rate (cosine to a tenth after 4 warm-up steps)."""
+    ast_srste_decay: float = 2e-4
+    """AST's SR-STE decay on the pruned weights, ramped in over the first quarter of the steps."""
+    ast_kd_weight: float = 0.5
+    """AST's distillation weight (CE 1, T 2)."""
+    ast_slorb_k: int = 16
+    """AST's SLoRB group size (0: off)."""
 
 
 class Pipeline:
@@ -162,6 +173,27 @@ class Pipeline:
             self.tool("train_mask", *args, nproc=cfg.tp)
         return out
 
+    def adaptive(self, start: Path, train_data: str) -> Path:
+        """AST from a one-shot checkpoint at MaskLLM's token budget."""
+        cfg, out = self.cfg, self.root / "ast"
+        latest = out / "latest_checkpointed_iteration.txt"
+        if not (latest.is_file() and int(latest.read_text()) >= cfg.train_iters):
+            flags = {
+                "load": start, "data": train_data, "eval-data": "embedded",
+                "eval-windows": cfg.eval_windows, "eval-interval": cfg.eval_interval,
+                "save": out, "seq-length": cfg.seq_length,
+                "micro-batch-size": cfg.micro_batch_size,
+                "global-batch-size": cfg.global_batch_size, "train-iters": cfg.train_iters,
+                "lr": cfg.ast_lr, "min-lr": cfg.ast_lr / 10,
+                "warmup-iters": min(4, cfg.train_iters - 1),
+                "srste-decay": cfg.ast_srste_decay,
+                "srste-warmup-iters": max(cfg.train_iters // 4, 1),
+                "kd-weight": cfg.ast_kd_weight, "slorb-k": cfg.ast_slorb_k, "log-interval": 4,
+            }
+            args = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+            self.tool("train_ast", *args, "--slorb-train-projection", nproc=cfg.tp)
+        return out
+
     def export(self, learned: Path) -> tuple[Path, Path]:
         """Masked safetensors + packed mask file of the learned masks."""
         out = self.root / "hf_maskllm"
@@ -179,8 +211,8 @@ class Pipeline:
                 self.root / "hf_export_ppl.json", "eval_hf_ppl", "--model", str(export_dir)),
         }
 
-    def plot(self, run: Path) -> Path:
-        """loss and held-out PPL vs step, from the trainer's metrics.jsonl."""
+    def plot(self, run: Path, ast_run: Path | None = None) -> Path:
+        """loss and held-out PPL vs step, from the trainers' metrics.jsonl (AST's PPL beside)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -193,6 +225,10 @@ class Pipeline:
         ax1.plot(*zip(*loss), label="train CE (soft masks)")
         ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.legend()
         ax2.plot(*zip(*ppl), marker="o", label="held-out PPL (argmax masks)")
+        if ast_run is not None:
+            ast_ppl = [(r["step"], r["eval_ppl"]) for r in read_history(ast_run)
+                       if "eval_ppl" in r]
+            ax2.plot(*zip(*ast_ppl), marker="s", label="AST held-out PPL (weights retrained)")
         ax2.set_xlabel("step"), ax2.set_ylabel("perplexity"), ax2.legend()
         fig.suptitle("MaskLLM on the embedded SmolLM2-135M")
         fig.tight_layout()
@@ -208,6 +244,9 @@ class Pipeline:
         if sgpt and mask:
             ratio = (mask - dense_ppl) / (sgpt - dense_ppl)
             lines.append(f"\n(MaskLLM - dense) / (SparseGPT - dense) = {ratio:.3f}")
+        if sgpt and dict(rows).get("AST"):
+            ratio = (dict(rows)["AST"] - dense_ppl) / (sgpt - dense_ppl)
+            lines.append(f"(AST - dense) / (SparseGPT - dense) = {ratio:.3f}")
         return "\n".join(lines)
 
     def run(self) -> None:
@@ -220,6 +259,9 @@ class Pipeline:
         rows += [(names[m], self.ppl(p)) for m, p in pruned.items()]
         learned = self.learn(dense, pruned["sparsegpt"], train_data)
         rows.append(("MaskLLM", self.learned_ppl(learned)))
+        ast_run = self.adaptive(pruned["sparsegpt"], train_data) if self.cfg.ast else None
+        if ast_run is not None:
+            rows.append(("AST", self.learned_ppl(ast_run)))
         export_dir, mask_file = self.export(learned)
         hf = self.hf_ppl(export_dir, mask_file)
         table = self.table(rows, rows[0][1])
@@ -227,7 +269,7 @@ class Pipeline:
         table += "\n".join(f"- {name}: {ppl:.2f}" for name, ppl in hf.items())
         table += f"\n- mask file: {mask_file} ({mask_file.stat().st_size / 2**20:.2f} MiB)"
         (self.root / "results.md").write_text(table + "\n")
-        plot = self.plot(learned)
+        plot = self.plot(learned, ast_run)
         print("\n" + table)
         print(f"\ncurves: {plot}\nresults: {self.root / 'results.md'}")
         print("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))

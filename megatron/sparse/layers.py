@@ -49,6 +49,9 @@ class MaskState:
     """False multiplies by a mask of ones (the dense layer)."""
     noise: bool = True
     """Add Gumbel noise when sampling; False gives the deterministic ``softmax(kappa l / tau)``."""
+    straight_through: bool = False
+    """Fixed masks in training pass the gradient of ``W~ = M * W`` to every weight, pruned ones
+    included (adaptive sparse training); False gives ``dL/dW = M * dL/dW~``."""
     noise_seed: int | None = None
     """Seed of the next training forward's noise, mixed with each layer's ``noise_stream``. The
     trainer sets it per (step, global micro batch), so that the sampled masks do not depend on
@@ -206,6 +209,8 @@ class SparseMaskMixin:
         if not self.mask_state.enabled or self.mask_kind == "dense":
             return weight
         if not (self.training and self.mask_kind == "logits"):
+            if self.training and self.mask_state.straight_through:
+                return mask_ops.straight_through_masked(weight, self.eval_mask())
             return weight * self.eval_mask().to(weight.dtype)
         self.last_sample = self.draw_sample()
         masked, self._last_sq_norm = sampling.masked_weight(weight, self.mask_logits,

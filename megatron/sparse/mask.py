@@ -138,6 +138,24 @@ class _SoftMask(torch.autograd.Function):
         return grad_p, None, None, None, None
 
 
+class _StraightThroughMask(torch.autograd.Function):
+    """``weight * mask`` forward; the gradient passes to every weight, pruned ones included."""
+
+    @staticmethod
+    def forward(ctx, weight, mask):
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None
+
+
+def straight_through_masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight * mask`` whose backward is the identity in ``weight`` (AST's straight-through
+    estimator: ``dL/dW = dL/dW~`` for ``W~ = M * W``, so pruned weights keep learning)."""
+    return _StraightThroughMask.apply(weight, mask.to(weight.dtype))
+
+
 def soft_mask(logits: torch.Tensor, *, tau: float, kappa: float, hard: bool = False,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable ``[rows, g, 4]`` mask ``p @ S``.

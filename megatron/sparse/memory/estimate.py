@@ -16,9 +16,9 @@ from megatron.sparse.memory.meta import shard_counts
 from megatron.sparse.memory.presets import preset
 from megatron.sparse.model import LlamaArgs
 
-TOOLS = ("convert", "prune", "train_mask", "eval", "export")
+TOOLS = ("convert", "prune", "train_mask", "train_ast", "eval", "export")
 """Tools with an estimate (``tools/convert_hf_to_megatron.py``, ``prune_oneshot.py``,
-``train_mask.py``, ``eval_ppl.py``, ``export_hf.py``)."""
+``train_mask.py``, ``train_ast.py``, ``eval_ppl.py``, ``export_hf.py``)."""
 HOST_TOOLS = ("convert", "export")
 """Tools that run as one process on the host, on the whole (TP 1) model."""
 OPTIMIZER_STATES = {"adamw": fmt.ADAMW_STATES, "sgd": 0}
@@ -32,7 +32,7 @@ class MemoryConfig:
     model: str | LlamaArgs
     """Preset name (``llama2-7b``, ...; see ``PRESETS``) or the architecture itself."""
     tool: str = "train_mask"
-    """convert | prune | train_mask | eval | export."""
+    """convert | prune | train_mask | train_ast | eval | export."""
     tp: int = 1
     """Tensor-parallel size."""
     dp: int = 1
@@ -65,6 +65,8 @@ class MemoryConfig:
     """Calibration sequences per layer forward (``prune_oneshot.py --micro-batch-size``)."""
     full_row_hessian: bool = True
     """SparseGPT under TP: gather the full Hessian of row-parallel inputs (the default)."""
+    kd_teacher: bool = True
+    """AST with distillation: a frozen dense teacher copy of the weights (``--kd-weight`` > 0)."""
     source_copies: int = 1
     """Copies of the HF weights conversion holds: 1 for a safetensors directory, 2 for the
     embedded GGUF model (the dequantised HF model is still alive when its state is cloned)."""
@@ -210,6 +212,19 @@ def estimate(cfg: MemoryConfig) -> MemoryEstimate:
             + sparse * fmt.EVAL_MASK_BYTES_PER_WEIGHT \
             + (_hessian_bytes(args, cfg) if cfg.prune_method == "sparsegpt" else 0)
         ckpt = total_w + (total_logits if cfg.legacy_format else total_choices)
+    elif cfg.tool == "train_ast":
+        # every weight trains: fp32 gradients and AdamW moments; each linear keeps weight * mask
+        # for its input gradient; the teacher is a frozen dense copy and adds its logits
+        params, grads = weights + choices, weights
+        opt = OPTIMIZER_STATES[cfg.optimizer] * shard.weights * act.FP32
+        acts = args.num_layers * act.saved_per_layer(args, shape) + sparse * d
+        acts += act.loss_bytes(args, shape, copies=fmt.LOSS_FP32_COPIES + (2 if cfg.kd_teacher
+                                                                          else 0))
+        # cached boolean masks, the SR-STE step's two transients of the largest linear
+        buffers = act.working_set(args, shape) + local_buffer \
+            + sparse * fmt.EVAL_MASK_BYTES_PER_WEIGHT + 2 * d * shard.largest_sparse_linear \
+            + (weights if cfg.kd_teacher else 0)
+        ckpt = total_w + total_choices + OPTIMIZER_STATES[cfg.optimizer] * whole.weights * act.FP32
     else:  # train_mask
         params, grads = weights + logits, logits
         opt = OPTIMIZER_STATES[cfg.optimizer] * logits

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from megatron.sparse.memory.estimate import MemoryConfig
 
 _TOOL_OF_SCRIPT = {"convert_hf_to_megatron.py": "convert", "prune_oneshot.py": "prune",
-                   "train_mask.py": "train_mask", "eval_ppl.py": "eval", "export_hf.py": "export"}
+                   "train_mask.py": "train_mask", "train_ast.py": "train_ast",
+                   "eval_ppl.py": "eval", "export_hf.py": "export"}
 _PATH_FLAGS = ("--load", "--hf", "--data", "--calib-data", "--prior", "--save", "--out",
                "--eval-data", "--mask-file")
 _SPECIAL = {"embedded", "wikitext2"}
@@ -90,7 +91,7 @@ def memory_config(plan: Plan, model) -> MemoryConfig:
     conversion and export keep the checkpoint's dtype (bf16 assumed for the presets).
     """
     f, tool = plan.flags, plan.tool
-    if tool == "train_mask":
+    if tool in ("train_mask", "train_ast"):
         dtype = "fp32"
     elif tool in ("prune", "eval"):
         dtype = "bf16" if "--bf16" in f else "fp32"
@@ -102,7 +103,8 @@ def memory_config(plan: Plan, model) -> MemoryConfig:
                        micro_batch=1 if tool == "prune" else mb, seq_length=seq, dtype=dtype,
                        prune_method=f.get("--method") or "sparsegpt",
                        calib_samples=int(f.get("--calib-samples") or 128),
-                       prune_micro_batch=mb, regulariser=float(f.get("--reg-lambda") or 1e-5) > 0)
+                       prune_micro_batch=mb, regulariser=float(f.get("--reg-lambda") or 1e-5) > 0,
+                       kd_teacher=float(f.get("--kd-weight") or 0.5) > 0)
     cfg.validate()
     if tool not in ("convert", "export") and plan.world % plan.tp != 0:
         raise ValueError(f"--tp {plan.tp} does not divide the world size {plan.world} "

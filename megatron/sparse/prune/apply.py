@@ -2,7 +2,7 @@
 
 The layer becomes (or stays) a ``"fixed"`` mask layer; a checkpoint saved from it stores
 ``mask_choice`` (``mask_storage: "fixed"``), which eval and export apply as is and the
-mask-learning trainer turns into its prior (train/loop.py ``apply_prior``).
+mask-learning trainer turns into its prior (train/methods.py ``apply_prior``).
 """
 
 from __future__ import annotations
