@@ -3,16 +3,19 @@
 Two tasks per source, each a ``<prefix>_<kind>.yaml`` next to its ``<prefix>_<kind>.jsonl``
 (``dataset_path: json`` with a local data file, so nothing is downloaded):
 
-- ``<prefix>_cloze``: LAMBADA-style last-word prediction. A passage of consecutive words is cut
-  before its last alphabetic word of at least ``MIN_TARGET_CHARS`` letters; the model must give
-  that word greedily (``acc``, every token the argmax) and its perplexity is reported.
+- ``<prefix>_cloze``: LAMBADA-style last-word prediction. The target is a word of at least
+  ``MIN_TARGET_CHARS`` letters that already occurs among the ``CLOZE_CONTEXT`` words before it
+  (so a good model can recover it from the context, as in LAMBADA); the context is those words.
+  The model must give the word greedily (``acc``: every token the argmax); the word perplexity
+  is reported too. Targets are at least ``CLOZE_CONTEXT`` words apart, so no context holds an
+  earlier example's target.
 - ``<prefix>_choice``: "which continuation is the real one". A context of ``CHOICE_CONTEXT``
   words and ``CHOICES`` candidate continuations of ``CHOICE_WORDS`` words: the real one and
   continuations taken from passages of *other* documents at the same word offset, so every
   candidate is fluent text of the same position and length (``acc``, ``acc_norm``).
 
-Passages are non-overlapping windows of each document's whitespace-split words; examples are
-drawn from them with a seeded generator, so a (texts, seed, n_examples) triple always gives the
+Passages are windows of each document's whitespace-split words; examples are drawn from them
+with a seeded generator, so a (texts, seed, n_examples) triple always gives the
 same files.
 """
 
@@ -24,13 +27,13 @@ import random
 import re
 from pathlib import Path
 
-CLOZE_WORDS = 28
-"""Words per cloze passage (the target is its last qualifying word)."""
-CLOZE_MIN_CONTEXT = 12
-"""Fewest context words before a cloze target."""
+CLOZE_CONTEXT = 20
+"""Context words before a cloze target."""
 MIN_TARGET_CHARS = 4
-CHOICE_CONTEXT = 16
-CHOICE_WORDS = 6
+CHOICE_CONTEXT = 12
+"""Context words of a choice item."""
+CHOICE_WORDS = 5
+"""Words per candidate continuation."""
 CHOICES = 4
 LOCAL_KINDS = ("cloze", "choice")
 
@@ -49,12 +52,9 @@ def _passages(texts: list[str], length: int) -> list[tuple[int, list[str]]]:
     return out
 
 
-def _cloze_example(words: list[str]) -> dict | None:
-    for t in range(len(words) - 1, CLOZE_MIN_CONTEXT - 1, -1):
-        match = _TARGET.match(words[t])
-        if match and len(match.group(1)) >= MIN_TARGET_CHARS:
-            return {"context": " ".join(words[:t]), "target": match.group(1)}
-    return None
+def _bare(word: str) -> str | None:
+    match = _TARGET.match(word)
+    return match.group(1) if match and len(match.group(1)) >= MIN_TARGET_CHARS else None
 
 
 def _sample(pool: list, n: int, rng: random.Random, what: str) -> list:
@@ -67,10 +67,15 @@ def _sample(pool: list, n: int, rng: random.Random, what: str) -> list:
 def cloze_examples(texts: list[str], n_examples: int, rng: random.Random) -> list[dict]:
     """``n_examples`` last-word cloze items (``context``, ``target``, ``doc``)."""
     pool = []
-    for doc, words in _passages(texts, CLOZE_WORDS):
-        item = _cloze_example(words)
-        if item is not None:
-            pool.append(item | {"doc": doc})
+    for doc, text in enumerate(texts):
+        words = text.split()
+        nxt = CLOZE_CONTEXT
+        for t in range(CLOZE_CONTEXT, len(words)):
+            target = _bare(words[t]) if t >= nxt else None
+            context = words[t - CLOZE_CONTEXT:t]
+            if target and target in {_TARGET.sub(r"\1", w) for w in context}:
+                pool.append({"context": " ".join(context), "target": target, "doc": doc})
+                nxt = t + CLOZE_CONTEXT
     return _sample(pool, n_examples, rng, "cloze")
 
 
