@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from megatron.sparse.memory.estimate import MemoryConfig
 
 _TOOL_OF_SCRIPT = {"convert_hf_to_megatron.py": "convert", "prune_oneshot.py": "prune",
-                   "train_mask.py": "train_mask", "eval_ppl.py": "eval", "export_hf.py": "export"}
+                   "train_mask.py": "train_mask", "eval_ppl.py": "eval", "export_hf.py": "export",
+                   "eval_zeroshot.py": "eval"}
 _PATH_FLAGS = ("--load", "--hf", "--data", "--calib-data", "--prior", "--save", "--out",
                "--eval-data", "--mask-file")
 _SPECIAL = {"embedded", "wikitext2"}

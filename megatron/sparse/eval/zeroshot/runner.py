@@ -36,6 +36,8 @@ class TaskPlan:
     include_paths: list[str] = field(default_factory=list)
     embedded: list[str] = field(default_factory=list)
     """The embedded held-out tasks requested (built by :func:`build_embedded_tasks`)."""
+    registry: bool = False
+    """Whether lm-eval's own tasks are needed (indexing them takes seconds)."""
 
 
 def parse_tasks(spec: str) -> TaskPlan:
@@ -65,6 +67,7 @@ def parse_tasks(spec: str) -> TaskPlan:
                 raise ValueError(f"--tasks: unknown task {name!r}; use 'local', a task YAML "
                                  f"file, or an lm-eval task name (python -m lm_eval ls tasks)")
         plan.names += registry
+        plan.registry = True
     plan.names = plan.embedded + plan.names
     return plan
 
@@ -97,7 +100,7 @@ def run_tasks(lm, plan: TaskPlan, *, num_fewshot: int | None = None, limit: int 
         raise ValueError(f"--limit must be >= 1 (examples per task), got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
-    tm = TaskManager(include_path=plan.include_paths or None)
+    tm = TaskManager(include_path=plan.include_paths or None, include_defaults=plan.registry)
     try:
         return simple_evaluate(model=lm, tasks=plan.names, num_fewshot=num_fewshot, limit=limit,
                                bootstrap_iters=bootstrap_iters, task_manager=tm,
