@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Zero-shot accuracy of a llama3.1-8b checkpoint at TP 8 through lm-evaluation-harness, on the papers'
-# task list (HellaSwag, PIQA, WinoGrande, ARC-e/c, BoolQ, RTE, OpenBookQA; their data is
-# downloaded: needs the network or HF_DATASETS_CACHE). TASKS=local scores the offline held-out
-# tasks instead. Masks applied when the checkpoint has them.
+# Zero-shot accuracy of a llama3.1-8b checkpoint at TP 8 through lm-evaluation-harness on
+# the papers' task list (HellaSwag, PIQA, WinoGrande, ARC-e/c, BoolQ, RTE, OpenBookQA; their
+# data is downloaded: needs the network or HF_DATASETS_CACHE). TASKS=local scores the offline
+# held-out tasks instead. Masks applied when the checkpoint has them.
 #
 #   CKPT=ckpts/llama3.1-8b-tp8-sparsegpt OUT=results/llama3.1-8b-sparsegpt.json \
 #       bash scripts/evaluate_zeroshot_llama3.1_8b.sh [--limit N]

@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
     from megatron.sparse.eval.zeroshot import runner
 
-    if ns.limit is not None and ns.limit < 1:
-        raise ValueError(f"--limit must be >= 1 (examples per task), got {ns.limit}")
+    runner.check_settings(limit=ns.limit, num_fewshot=ns.num_fewshot)
     if ns.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {ns.batch_size}")
     plan = runner.parse_tasks(ns.tasks)

@@ -90,16 +90,21 @@ def build_embedded_tasks(plan: TaskPlan, out_dir: Path, *, n_examples: int, seed
     plan.include_paths.append(str(out_dir))
 
 
+def check_settings(*, limit: int | None, num_fewshot: int | None) -> None:
+    """One-line errors for a ``--limit`` or ``--num-fewshot`` lm-eval would misread."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1 (examples per task), got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+
+
 def run_tasks(lm, plan: TaskPlan, *, num_fewshot: int | None = None, limit: int | None = None,
               bootstrap_iters: int = 1000) -> dict:
     """``lm_eval.simple_evaluate`` on ``plan``; the raw lm-eval result dict."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1 (examples per task), got {limit}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    check_settings(limit=limit, num_fewshot=num_fewshot)
     tm = TaskManager(include_path=plan.include_paths or None, include_defaults=plan.registry)
     try:
         return simple_evaluate(model=lm, tasks=plan.names, num_fewshot=num_fewshot, limit=limit,
