@@ -33,13 +33,17 @@ LAUNCHERS = {
     "evaluate_llama2_7b_wikitext2.sh": ((), {}, "eval", 8),
     "evaluate_llama3_8b_wikitext2.sh": ((), {}, "eval", 8),
     "evaluate_llama3.1_8b_wikitext2.sh": ((), {}, "eval", 8),
+    "evaluate_zeroshot_llama2_7b.sh": ((), {}, "eval", 8),
+    "evaluate_zeroshot_llama3_8b.sh": (("--limit", "100"), {}, "eval", 8),
+    "evaluate_zeroshot_llama3.1_8b.sh": ((), {"TASKS": "local"}, "eval", 8),
     "export_llama2_7b_hf.sh": ((), {"DENSE": "/models/none"}, "export", 1),
     "slurm/train_mask.sbatch": ((), {"SLURM_NNODES": "2"}, "train_mask", 8),
     "slurm/train_ast.sbatch": ((), {"SLURM_NNODES": "2"}, "train_ast", 8),
     "preprocess_c4.sh": ((), {}, None, None),
 }
 _CLEAN = ("CKPT", "DATA", "SAVE", "PRIOR", "CALIB_DATA", "LOAD", "TP", "NPROC", "NNODES",
-          "MODEL_TAG", "HF", "OUT", "C4_DIR", "TOKENIZER", "SLURM_NNODES", "DENSE")
+          "MODEL_TAG", "HF", "OUT", "C4_DIR", "TOKENIZER", "SLURM_NNODES", "DENSE", "TASKS",
+          "BATCH_SIZE")
 
 
 def dry_run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:

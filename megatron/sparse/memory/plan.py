@@ -15,7 +15,7 @@ from megatron.sparse.memory.estimate import MemoryConfig
 
 _TOOL_OF_SCRIPT = {"convert_hf_to_megatron.py": "convert", "prune_oneshot.py": "prune",
                    "train_mask.py": "train_mask", "train_ast.py": "train_ast",
-                   "eval_ppl.py": "eval", "export_hf.py": "export"}
+                   "eval_ppl.py": "eval", "eval_zeroshot.py": "eval", "export_hf.py": "export"}
 _PATH_FLAGS = ("--load", "--hf", "--data", "--calib-data", "--prior", "--save", "--out",
                "--eval-data", "--mask-file")
 _SPECIAL = {"embedded", "wikitext2"}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Zero-shot accuracy of a llama2-7b checkpoint at TP 8 through lm-evaluation-harness on
+# the papers' task list (HellaSwag, PIQA, WinoGrande, ARC-e/c, BoolQ, RTE, OpenBookQA; their
+# data is downloaded: needs the network or HF_DATASETS_CACHE). TASKS=local scores the offline
+# held-out tasks instead. Masks applied when the checkpoint has them.
+#
+#   CKPT=ckpts/llama2-7b-tp8-sparsegpt OUT=results/llama2-7b-sparsegpt.json \
+#       bash scripts/evaluate_zeroshot_llama2_7b.sh [--limit N]
+set -euo pipefail
+source "$(dirname "$0")/_launch.sh"
+require CKPT "a megatron-sparse checkpoint of llama2-7b"
+launch llama2-7b torchrun --nproc-per-node "${NPROC:-8}" --master-port "${MASTER_PORT:-29500}" \
+    "$LAUNCH_TOOLS/eval_zeroshot.py" --load "$CKPT" \
+    --tasks "${TASKS:-hellaswag,piqa,winogrande,arc_easy,arc_challenge,boolq,rte,openbookqa}" \
+    --batch-size "${BATCH_SIZE:-8}" --output "${OUT:-zeroshot_llama2_7b.json}" "$@"
