@@ -89,3 +89,73 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
                          "embedded", "--out", str(tmp_path / "p"))
     assert result.returncode == 2 and "--split applies to" in result.stderr
     assert not Path(f"{tmp_path / 'p'}.bin").exists()
+
+
+class _Recorder:
+    """Stands in for ``Pipeline.tool``: records each command and writes what the stage makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, study, name, *args, nproc=1, capture=False):
+        flags, key = {}, None
+        for arg in args:  # "--flag value" pairs and bare switches ("--update-weight": True)
+            if arg.startswith("--"):
+                key = arg
+                flags[key] = True
+            else:
+                flags[key], key = arg, None
+        self.calls.append((name, flags))
+        if name == "preprocess_data":
+            Path(flags["--out"] + ".idx").parent.mkdir(parents=True, exist_ok=True)
+            Path(flags["--out"] + ".idx").write_text("")
+        elif name in ("prune_oneshot", "train_mask"):
+            out = Path(flags["--save"])
+            out.mkdir(parents=True)
+            iters = flags.get("--train-iters", "0")
+            (out / "latest_checkpointed_iteration.txt").write_text(iters)
+            if name == "train_mask":  # the trainer's final held-out evaluation
+                ppl = {"python-stdlib": 50.0, "embedded": 90.0}[flags["--eval-data"]]
+                ppl -= 5.0 * ("maskllm_domain_from_general" in str(out))
+                (out / "metrics.jsonl").write_text(f'{{"step": {iters}, "eval_ppl": {ppl}}}\n')
+        elif name == "eval_ppl":
+            load = flags["--load"]
+            ppl = 100.0 if "sparsegpt" in load else 60.0 if "maskllm" in load else 20.0
+            return f'{{"ppl": {ppl}}}\n'
+        return ""
+
+
+def test_transfer_study_stages_budget_and_resume(tmp_path, monkeypatch):
+    from megatron.sparse.demo import Pipeline
+    from megatron.sparse.transfer import TransferConfig, TransferStudy
+
+    recorder = _Recorder()
+    monkeypatch.setattr(Pipeline, "tool", lambda self, *a, **k: recorder(self, *a, **k))
+    cfg = TransferConfig(work_dir=str(tmp_path / "t"), dense=str(tmp_path / "dense"),
+                         general_prior=str(tmp_path / "sgpt"), train_iters=6, domain_iters=3)
+    rows = TransferStudy(cfg).run()
+    trains = {Path(f["--save"]).name: f for n, f in recorder.calls if n == "train_mask"}
+    assert set(trains) == {"maskllm_general", "maskllm_domain_from_general",
+                           "maskllm_domain_from_sparsegpt"}
+    general, from_general, from_sgpt = (trains[k] for k in (
+        "maskllm_general", "maskllm_domain_from_general", "maskllm_domain_from_sparsegpt"))
+    assert general["--prior"] == str(tmp_path / "sgpt") and general["--train-iters"] == "6"
+    assert general["--data"].endswith("wiki_train") and general["--eval-data"] == "embedded"
+    assert from_general["--prior"] == str(tmp_path / "t" / "maskllm_general")
+    assert from_sgpt["--prior"] == str(tmp_path / "t" / "sparsegpt_update_domain")
+    for key in ("--train-iters", "--global-batch-size", "--seq-length", "--data", "--lr"):
+        assert from_general[key] == from_sgpt[key]  # the same budget and recipe
+    assert from_sgpt["--data"].endswith("domain_train") and from_sgpt["--train-iters"] == "3"
+    prunes = [f for n, f in recorder.calls if n == "prune_oneshot"]
+    assert len(prunes) == 1 and prunes[0]["--calib-data"].endswith("domain_train")
+    assert prunes[0]["--update-weight"] is True
+    assert rows["MaskLLM domain, general-mask prior"] == {"python-stdlib": 45.0,
+                                                          "embedded": 60.0}
+    assert rows["dense"] == {"python-stdlib": 20.0, "embedded": 20.0}
+    assert rows["MaskLLM general (Wikipedia)"]["embedded"] == 90.0
+    assert "beats both rivals on the domain: yes" in (tmp_path / "t" / "results.md").read_text()
+    assert not list((tmp_path / "dense").glob("*"))  # nothing written into the inputs
+
+    recorder.calls.clear()
+    TransferStudy(cfg).run()  # every stage done: nothing runs again
+    assert recorder.calls == []
