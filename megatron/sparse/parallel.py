@@ -73,6 +73,15 @@ def tp_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
+def gather_last_dim(x: torch.Tensor, tp: int, group) -> torch.Tensor:
+    """All-gather ``x`` over a ``tp``-rank group and concatenate along its last dimension."""
+    if tp == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 def is_main() -> bool:
     """True on global rank 0 (or without a process group)."""
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -28,12 +28,12 @@ import time
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron.sparse.heap import trim_heap
 from megatron.sparse.layers import SparseRowParallelLinear, set_mask_state, sparse_layers
 from megatron.sparse.model import causal_attention_mask
+from megatron.sparse.parallel import gather_last_dim
 from megatron.sparse.prune.apply import store_mask
 from megatron.sparse.prune.attention import fused_causal_attention
 from megatron.sparse.prune.magnitude import magnitude_mask
@@ -59,14 +59,6 @@ def _tp() -> tuple[int, int, object]:
     return 1, 0, None
 
 
-def _gather_last_dim(x: torch.Tensor, tp: int, group) -> torch.Tensor:
-    if tp == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(tp)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
 class InputStats:
     """Running statistics of one linear's calibration input (rows = tokens).
 
@@ -89,7 +81,7 @@ class InputStats:
         if self.hessian:
             if self.gather:
                 tp, _, group = _tp()
-                x = _gather_last_dim(x, tp, group)
+                x = gather_last_dim(x, tp, group)
             xf = x.float()
             if self.xtx is None:
                 self.xtx = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float32,
@@ -121,7 +113,7 @@ def prune_linear(layer, stats: InputStats | None, *, method: str, update_weight:
         return mask
     tp, rank, group = _tp()
     gather = full_row_hessian and tp > 1 and isinstance(layer, SparseRowParallelLinear)
-    full = _gather_last_dim(weight, tp, group) if gather else weight
+    full = gather_last_dim(weight, tp, group) if gather else weight
     mask, new = sparsegpt_prune(weight=full, hessian=stats.hessian_matrix(),
                                 update_weight=update_weight, block_size=block_size,
                                 percdamp=percdamp)
