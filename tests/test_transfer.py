@@ -1,5 +1,6 @@
 """The second domain (standard-library source, globs of files): by-file split, inputs, errors."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,14 @@ class _Recorder:
                 ppl = {"python-stdlib": 50.0, "embedded": 90.0}[flags["--eval-data"]]
                 ppl -= 5.0 * ("maskllm_domain_from_general" in str(out))
                 (out / "metrics.jsonl").write_text(f'{{"step": {iters}, "eval_ppl": {ppl}}}\n')
+        elif name == "eval_zeroshot":
+            tasks = [Path(t).stem for t in flags["--tasks"].split(",")]
+            assert all(Path(t).is_file() for t in flags["--tasks"].split(","))
+            acc = 0.6 if "maskllm" in flags["--load"] else 0.4
+            rows = [{"task": t, "metric": m, "value": acc, "stderr": 0.03} for t in tasks
+                    for m in ("acc", "acc_norm")]
+            Path(flags["--output"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(flags["--output"]).write_text(json.dumps({"results": rows}))
         elif name == "eval_ppl":
             load = flags["--load"]
             ppl = 100.0 if "sparsegpt" in load else 60.0 if "maskllm" in load else 20.0
@@ -132,7 +141,8 @@ def test_transfer_study_stages_budget_and_resume(tmp_path, monkeypatch):
     recorder = _Recorder()
     monkeypatch.setattr(Pipeline, "tool", lambda self, *a, **k: recorder(self, *a, **k))
     cfg = TransferConfig(work_dir=str(tmp_path / "t"), dense=str(tmp_path / "dense"),
-                         general_prior=str(tmp_path / "sgpt"), train_iters=6, domain_iters=3)
+                         general_prior=str(tmp_path / "sgpt"), train_iters=6, domain_iters=3,
+                         task_examples=5)
     rows = TransferStudy(cfg).run()
     trains = {Path(f["--save"]).name: f for n, f in recorder.calls if n == "train_mask"}
     assert set(trains) == {"maskllm_general", "maskllm_domain_from_general",
@@ -149,9 +159,13 @@ def test_transfer_study_stages_budget_and_resume(tmp_path, monkeypatch):
     prunes = [f for n, f in recorder.calls if n == "prune_oneshot"]
     assert len(prunes) == 1 and prunes[0]["--calib-data"].endswith("domain_train")
     assert prunes[0]["--update-weight"] is True
-    assert rows["MaskLLM domain, general-mask prior"] == {"python-stdlib": 45.0,
-                                                          "embedded": 60.0}
-    assert rows["dense"] == {"python-stdlib": 20.0, "embedded": 20.0}
+    assert rows["MaskLLM domain, general-mask prior"] == {
+        "python-stdlib": 45.0, "embedded": 60.0, "python_stdlib_cloze": 0.6,
+        "python_stdlib_choice": 0.6}
+    cloze = (tmp_path / "t" / "tasks" / "python_stdlib_cloze.jsonl").read_text().splitlines()
+    held = "\n".join(sources.file_documents(sources.STDLIB, "heldout"))
+    assert len(cloze) == 5 and all(json.loads(r)["context"].split()[0] in held for r in cloze)
+    assert rows["dense"]["python-stdlib"] == 20.0 and rows["dense"]["python_stdlib_choice"] == 0.4
     assert rows["MaskLLM general (Wikipedia)"]["embedded"] == 90.0
     assert "beats both rivals on the domain: yes" in (tmp_path / "t" / "results.md").read_text()
     assert not list((tmp_path / "dense").glob("*"))  # nothing written into the inputs

@@ -5,7 +5,9 @@ dense; SparseGPT + weight update calibrated on the domain; the general MaskLLM m
 the Wikipedia training split from the general SparseGPT prior, the demo's settings); a domain
 mask learned from the domain SparseGPT prior; a domain mask learned from the general mask as
 prior. The two domain masks get the same budget (steps x batch x sequence length). Every row is
-evaluated on the domain's held-out files and on the Wikipedia held-out split.
+evaluated on the domain's held-out files and on the Wikipedia held-out split (perplexity), and on
+two local lm-eval tasks built from the domain's held-out files (a last-word cloze and a "which
+continuation is real" choice, megatron/sparse/eval/zeroshot/local_tasks.py).
 
 Stages run the ``tools/*.py`` commands through :class:`megatron.sparse.demo.Pipeline` and are
 skipped when their output exists, so an interrupted run resumes.
@@ -41,6 +43,10 @@ class TransferConfig(RunSettings):
     """Mask-learning steps of each domain mask (both get the same steps, batch and length)."""
     dense: str | None = None
     """A converted dense checkpoint of the embedded model to reuse (default: convert it)."""
+    task_examples: int = 200
+    """Examples per domain local task (0: no accuracy columns)."""
+    task_seed: int = 1234
+    """Seed of the domain local tasks."""
     general_prior: str | None = None
     """One-shot Wikipedia checkpoint whose masks are the general mask's prior (default: SparseGPT
     with the weight update on the Wikipedia training split, pruned here)."""
@@ -56,6 +62,27 @@ class TransferStudy(Pipeline):
         cache = self.root / "ppl" / f"{label}.{data}.json"
         cache.parent.mkdir(parents=True, exist_ok=True)
         return self.ppl(checkpoint, data=data, cache=cache)
+
+    def domain_tasks(self) -> list[Path]:
+        """The domain's local task files (built once, from its held-out split only)."""
+        from megatron.sparse.eval.zeroshot.local_tasks import build_local_tasks
+
+        out = self.root / "tasks"
+        prefix = "".join(c if c.isalnum() else "_" for c in self.cfg.domain)
+        files = [out / f"{prefix}_{kind}.yaml" for kind in ("cloze", "choice")]
+        if not all(f.is_file() for f in files):
+            build_local_tasks(domain_heldout_texts(self.cfg.domain), out, prefix=prefix,
+                              n_examples=self.cfg.task_examples, seed=self.cfg.task_seed)
+        return files
+
+    def accuracy(self, checkpoint: Path, label: str, tasks: list[Path]) -> dict[str, float]:
+        """``{task: accuracy}`` of a checkpoint on the local tasks (cached under the work dir)."""
+        out = self.root / "accuracy" / f"{label}.json"
+        if not out.is_file():
+            self.tool("eval_zeroshot", "--load", str(checkpoint), "--tasks",
+                      ",".join(map(str, tasks)), "--output", str(out), nproc=self.cfg.tp)
+        rows = json.loads(out.read_text())["results"]
+        return {r["task"]: r["value"] for r in rows if r["metric"] == "acc"}
 
     def learned(self, run: Path, label: str, own_data: str, iters: int) -> dict[str, float]:
         """A learned mask's PPL on both sets: the trainer's final evaluation for its own data."""
@@ -90,6 +117,14 @@ class TransferStudy(Pipeline):
             "MaskLLM domain, general-mask prior": self.learned(from_general, "from_general",
                                                                cfg.domain, cfg.domain_iters),
         }
+        if cfg.task_examples > 0:
+            tasks = self.domain_tasks()
+            checkpoints = {"dense": dense, "SparseGPT+update (domain calibration)": domain_sgpt,
+                           "MaskLLM general (Wikipedia)": general,
+                           "MaskLLM domain, SparseGPT prior": from_sgpt,
+                           "MaskLLM domain, general-mask prior": from_general}
+            for i, (name, checkpoint) in enumerate(checkpoints.items()):
+                rows[name] |= self.accuracy(checkpoint, f"row{i}", tasks)
         table = self.transfer_table(rows)
         (self.root / "results.md").write_text(table + "\n")
         (self.root / "results.json").write_text(json.dumps(rows, indent=1))
@@ -102,9 +137,12 @@ class TransferStudy(Pipeline):
         """Markdown table: domain and Wikipedia held-out PPL per row, and the study's verdict."""
         cfg = self.cfg
         tokens = cfg.domain_iters * cfg.global_batch_size * cfg.seq_length
-        lines = [f"| row | {cfg.domain} held-out PPL | Wikipedia held-out PPL |", "|---|---|---|"]
-        lines += [f"| {name} | {ppl[cfg.domain]:.2f} | {ppl[WIKI]:.2f} |"
-                  for name, ppl in rows.items()]
+        tasks = sorted(k for k in next(iter(rows.values())) if k not in (cfg.domain, WIKI))
+        lines = ["| row | " + " | ".join([f"{cfg.domain} held-out PPL", *[f"{t} acc" for t in tasks],
+                                          "Wikipedia held-out PPL"]) + " |",
+                 "|---" * (3 + len(tasks)) + "|"]
+        lines += ["| " + " | ".join([name, f"{r[cfg.domain]:.2f}", *[f"{r[t]:.3f}" for t in tasks],
+                                     f"{r[WIKI]:.2f}"]) + " |" for name, r in rows.items()]
         ours = rows["MaskLLM domain, general-mask prior"][cfg.domain]
         rivals = [rows[k][cfg.domain] for k in ("MaskLLM general (Wikipedia)",
                                                 "MaskLLM domain, SparseGPT prior")]
@@ -112,5 +150,18 @@ class TransferStudy(Pipeline):
                      f"{cfg.seq_length} tokens ({tokens} tokens) each; general mask: "
                      f"{cfg.train_iters} steps on Wikipedia. PPL over {cfg.eval_windows} windows "
                      f"of {cfg.seq_length} tokens. General-mask prior beats both rivals on the "
-                     f"domain: {'yes' if ours < min(rivals) else 'no'}.")
+                     f"domain: {'yes' if ours < min(rivals) else 'no'}."
+                     + (f" Local tasks: {cfg.task_examples} examples each, built from the "
+                        f"domain's held-out files (seed {cfg.task_seed})." if tasks else ""))
         return "\n".join(lines)
+
+
+def domain_heldout_texts(domain: str) -> list[str]:
+    """The held-out documents of a domain: one per file for python-stdlib, else the blank-line
+    separated blocks of its evaluation text."""
+    from megatron.sparse.data.sources import STDLIB, file_documents
+    from megatron.sparse.eval.datasets import eval_text
+
+    if domain == STDLIB:
+        return file_documents(STDLIB, "heldout")
+    return [block for block in eval_text(domain).split("\n\n") if block.strip()]
