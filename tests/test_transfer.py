@@ -173,3 +173,20 @@ def test_transfer_study_stages_budget_and_resume(tmp_path, monkeypatch):
     recorder.calls.clear()
     TransferStudy(cfg).run()  # every stage done: nothing runs again
     assert recorder.calls == []
+
+
+def test_transfer_flags_document_inherited_settings():
+    import argparse
+
+    from megatron.sparse.cli import add_dataclass_args, field_docs
+    from megatron.sparse.demo import RunSettings
+    from megatron.sparse.transfer import TransferConfig
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, TransferConfig)
+    text = " ".join(parser.format_help().split())
+    assert "Gumbel temperature at step 0." in text  # a RunSettings field
+    assert "Mask-learning steps of each domain mask" in text
+    # a field a subclass redefines takes the subclass's docstring
+    assert field_docs(TransferConfig)["eval_interval"] != field_docs(RunSettings)["eval_interval"]
+    assert TransferConfig().work_dir == "runs/transfer"
