@@ -117,7 +117,8 @@ class Pipeline:
         return self._cached_ppl(cache or checkpoint / "demo_ppl.json", "eval_ppl", "--load",
                                 str(checkpoint), nproc=self.cfg.tp, data=data)
 
-    def learned_ppl(self, run: Path, *, train_iters: int | None = None) -> float:
+    def learned_ppl(self, run: Path, *, train_iters: int | None = None, data: str = "embedded",
+                    cache: Path | None = None) -> float:
         """MaskLLM's held-out PPL: the trainer's evaluation after its last step.
 
         It runs the same windows through the same code as ``tools/eval_ppl.py``, so a second
@@ -125,7 +126,7 @@ class Pipeline:
         """
         final = [r["eval_ppl"] for r in read_history(run) if "eval_ppl" in r and
                  r["step"] == (train_iters or self.cfg.train_iters)]
-        return final[-1] if final else self.ppl(run)
+        return final[-1] if final else self.ppl(run, data=data, cache=cache)
 
     # -- stages ----------------------------------------------------------------------------------
     def convert(self) -> Path:
@@ -154,8 +155,7 @@ class Pipeline:
         return out
 
     def learn(self, dense: Path, prior: Path, train_data: str, *, out: Path | None = None,
-              eval_data: str = "embedded", train_iters: int | None = None,
-              eval_interval: int | None = None) -> Path:
+              eval_data: str = "embedded", train_iters: int | None = None) -> Path:
         """MaskLLM from ``prior``'s masks on ``train_data`` (default: the demo's run)."""
         cfg, out = self.cfg, out or self.root / "maskllm"
         iters = train_iters or cfg.train_iters
@@ -164,7 +164,7 @@ class Pipeline:
             flags = {
                 "load": dense, "prior": prior, "prior-strength": cfg.prior_strength,
                 "data": train_data, "eval-data": eval_data, "eval-windows": cfg.eval_windows,
-                "eval-interval": eval_interval or cfg.eval_interval, "save": out,
+                "eval-interval": cfg.eval_interval, "save": out,
                 "seq-length": cfg.seq_length, "micro-batch-size": cfg.micro_batch_size,
                 "global-batch-size": cfg.global_batch_size, "train-iters": iters,
                 "lr": cfg.lr, "min-lr": cfg.lr / 10, "adam-eps": cfg.adam_eps,

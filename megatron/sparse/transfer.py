@@ -87,7 +87,8 @@ class TransferStudy(Pipeline):
     def learned(self, run: Path, label: str, own_data: str, iters: int) -> dict[str, float]:
         """A learned mask's PPL on both sets: the trainer's final evaluation for its own data."""
         other = WIKI if own_data == self.cfg.domain else self.cfg.domain
-        return {own_data: self.learned_ppl(run, train_iters=iters),
+        own_cache = self.root / "ppl" / f"{label}.{own_data}.json"
+        return {own_data: self.learned_ppl(run, train_iters=iters, data=own_data, cache=own_cache),
                 other: self.domain_ppl(run, label, other)}
 
     def run(self) -> dict[str, dict[str, float]]:
