@@ -64,6 +64,9 @@ class RunSettings:
     the LM loss ~6x at this budget and drives the masks toward magnitude pruning (measured)."""
     eval_interval: int = 10
     """Held-out PPL every N mask-learning steps (for the curve)."""
+    save_interval: int = 0
+    """Resumable mask-learning checkpoint every N steps (0: only at the end); a killed run then
+    resumes from it when the command is re-run."""
 
 
 @dataclass
@@ -164,7 +167,8 @@ class Pipeline:
             flags = {
                 "load": dense, "prior": prior, "prior-strength": cfg.prior_strength,
                 "data": train_data, "eval-data": eval_data, "eval-windows": cfg.eval_windows,
-                "eval-interval": cfg.eval_interval, "save": out,
+                "eval-interval": cfg.eval_interval, "save-interval": cfg.save_interval,
+                "save": out,
                 "seq-length": cfg.seq_length, "micro-batch-size": cfg.micro_batch_size,
                 "global-batch-size": cfg.global_batch_size, "train-iters": iters,
                 "lr": cfg.lr, "min-lr": cfg.lr / 10, "adam-eps": cfg.adam_eps,

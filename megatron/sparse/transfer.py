@@ -36,6 +36,9 @@ class TransferConfig(RunSettings):
     the study's three mask-learning runs within the demo's run time."""
     eval_interval: int = 0
     """Held-out PPL every N mask-learning steps (0: only after the last step)."""
+    save_interval: int = 3
+    """Resumable mask-learning checkpoint every N steps: re-running the command after a kill
+    (e.g. out of memory on a shared machine) resumes the run."""
     domain: str = "python-stdlib"
     """The domain: its training split is tokenised for calibration and mask learning, and
     ``tools/eval_ppl.py --data DOMAIN`` reads its held-out split."""
