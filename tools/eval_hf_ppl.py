@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="Hugging Face model directory or 'embedded'")
     p.add_argument("--mask", default=None, help="packed 2:4 mask file (.npz) to apply")
     p.add_argument("--data", required=True,
-                   help="embedded (held-out embedded corpus), wikitext2, or a raw text file")
+                   help="embedded (held-out embedded corpus), python-stdlib (held-out "
+                        "standard-library files), wikitext2, or a raw text file")
     p.add_argument("--seq-length", type=int, required=True, help="window length in tokens")
     p.add_argument("--max-windows", type=int, default=None,
                    help="evaluate N windows evenly spaced over the data")

@@ -23,8 +23,9 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 @dataclass
-class DemoConfig:
-    """Demo settings, chosen by measurement on 2 CPU cores (see docs/demo.md)."""
+class RunSettings:
+    """Settings every pipeline on the embedded model shares, chosen by measurement on 2 CPU cores
+    (see docs/demo.md)."""
 
     work_dir: str = "runs/demo"
     """Where checkpoints, data, logs and results go."""
@@ -63,6 +64,15 @@ class DemoConfig:
     the LM loss ~6x at this budget and drives the masks toward magnitude pruning (measured)."""
     eval_interval: int = 10
     """Held-out PPL every N mask-learning steps (for the curve)."""
+    save_interval: int = 0
+    """Resumable mask-learning checkpoint every N steps (0: only at the end); a killed run then
+    resumes from it when the command is re-run."""
+
+
+@dataclass
+class DemoConfig(RunSettings):
+    """Demo settings (see docs/demo.md)."""
+
     methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
     """One-shot baselines in the table."""
     ast: bool = True
@@ -81,7 +91,7 @@ class DemoConfig:
 class Pipeline:
     """Runs the demo stages in order."""
 
-    def __init__(self, cfg: DemoConfig):
+    def __init__(self, cfg: RunSettings):
         self.cfg = cfg
         self.root = Path(cfg.work_dir)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -103,31 +113,34 @@ class Pipeline:
             raise SystemExit(f"error: stage {name} failed (exit {result.returncode})")
         return result.stdout if capture else ""
 
-    def _cached_ppl(self, cache: Path, name: str, *args: str, nproc: int = 1) -> float:
-        """Run an evaluation tool with ``--json`` once; later runs read ``cache``."""
+    def _cached_ppl(self, cache: Path, name: str, *args: str, nproc: int = 1,
+                    data: str = "embedded") -> float:
+        """Run an evaluation tool with ``--json`` on ``data`` once; later runs read ``cache``."""
         if cache.is_file():
             return json.loads(cache.read_text())["ppl"]
-        out = self.tool(name, *args, "--data", "embedded", "--seq-length",
+        out = self.tool(name, *args, "--data", data, "--seq-length",
                         str(self.cfg.seq_length), "--max-windows", str(self.cfg.eval_windows),
                         "--json", nproc=nproc, capture=True)
         result = json.loads(out.strip().splitlines()[-1])
         cache.write_text(json.dumps(result))
         return result["ppl"]
 
-    def ppl(self, checkpoint: Path) -> float:
-        """Held-out PPL of a Megatron checkpoint (cached next to it)."""
-        return self._cached_ppl(checkpoint / "demo_ppl.json", "eval_ppl", "--load",
-                                str(checkpoint), nproc=self.cfg.tp)
+    def ppl(self, checkpoint: Path, *, data: str = "embedded", cache: Path | None = None) -> float:
+        """Held-out PPL of a Megatron checkpoint on ``data`` (cached in ``cache``, by default next
+        to the checkpoint)."""
+        return self._cached_ppl(cache or checkpoint / "demo_ppl.json", "eval_ppl", "--load",
+                                str(checkpoint), nproc=self.cfg.tp, data=data)
 
-    def learned_ppl(self, run: Path) -> float:
+    def learned_ppl(self, run: Path, *, train_iters: int | None = None, data: str = "embedded",
+                    cache: Path | None = None) -> float:
         """MaskLLM's held-out PPL: the trainer's evaluation after its last step.
 
         It runs the same windows through the same code as ``tools/eval_ppl.py``, so a second
         process would only repeat it; the HF-side check re-measures it independently.
         """
         final = [r["eval_ppl"] for r in read_history(run) if "eval_ppl" in r and
-                 r["step"] == self.cfg.train_iters]
-        return final[-1] if final else self.ppl(run)
+                 r["step"] == (train_iters or self.cfg.train_iters)]
+        return final[-1] if final else self.ppl(run, data=data, cache=cache)
 
     # -- stages ----------------------------------------------------------------------------------
     def convert(self) -> Path:
@@ -137,16 +150,17 @@ class Pipeline:
                       "--out", str(out))
         return out
 
-    def preprocess(self) -> str:
-        """Tokenise the training split (evaluation tokenises the held-out text itself)."""
-        prefix = self.root / "data" / "wiki_train"
+    def preprocess(self, source: str = "embedded-train", name: str = "wiki_train") -> str:
+        """Tokenise a training split (evaluation tokenises the held-out text itself)."""
+        prefix = self.root / "data" / name
         if not Path(f"{prefix}.idx").is_file():
-            self.tool("preprocess_data", "--input", "embedded-train", "--tokenizer", "embedded",
+            self.tool("preprocess_data", "--input", source, "--tokenizer", "embedded",
                       "--out", str(prefix))
         return str(prefix)
 
-    def prune(self, dense: Path, train_data: str, method: str, update: bool = False) -> Path:
-        out = self.root / (f"{method}_update" if update else method)
+    def prune(self, dense: Path, train_data: str, method: str, update: bool = False, *,
+              out: Path | None = None) -> Path:
+        out = out or self.root / (f"{method}_update" if update else method)
         if not (out / "latest_checkpointed_iteration.txt").is_file():
             self.tool("prune_oneshot", "--load", str(dense), "--method", method,
                       *(["--update-weight"] if update else []), "--calib-data", train_data,
@@ -154,16 +168,20 @@ class Pipeline:
                       str(self.cfg.seq_length), "--save", str(out), nproc=self.cfg.tp)
         return out
 
-    def learn(self, dense: Path, prior: Path, train_data: str) -> Path:
-        cfg, out = self.cfg, self.root / "maskllm"
+    def learn(self, dense: Path, prior: Path, train_data: str, *, out: Path | None = None,
+              eval_data: str = "embedded", train_iters: int | None = None) -> Path:
+        """MaskLLM from ``prior``'s masks on ``train_data`` (default: the demo's run)."""
+        cfg, out = self.cfg, out or self.root / "maskllm"
+        iters = train_iters or cfg.train_iters
         latest = out / "latest_checkpointed_iteration.txt"
-        if not (latest.is_file() and int(latest.read_text()) >= cfg.train_iters):
+        if not (latest.is_file() and int(latest.read_text()) >= iters):
             flags = {
                 "load": dense, "prior": prior, "prior-strength": cfg.prior_strength,
-                "data": train_data, "eval-data": "embedded", "eval-windows": cfg.eval_windows,
-                "eval-interval": cfg.eval_interval, "save": out, "seq-length": cfg.seq_length,
-                "micro-batch-size": cfg.micro_batch_size,
-                "global-batch-size": cfg.global_batch_size, "train-iters": cfg.train_iters,
+                "data": train_data, "eval-data": eval_data, "eval-windows": cfg.eval_windows,
+                "eval-interval": cfg.eval_interval, "save-interval": cfg.save_interval,
+                "save": out,
+                "seq-length": cfg.seq_length, "micro-batch-size": cfg.micro_batch_size,
+                "global-batch-size": cfg.global_batch_size, "train-iters": iters,
                 "lr": cfg.lr, "min-lr": cfg.lr / 10, "adam-eps": cfg.adam_eps,
                 "logits-lr-mult": 1, "weight-decay": 0, "tau-start": cfg.tau_start,
                 "tau-end": cfg.tau_end, "kappa-start": cfg.kappa_start,

@@ -1,8 +1,9 @@
 """Evaluation text and token windows shared by the Megatron-side and HF-side perplexity.
 
 Data specs: ``embedded`` (the held-out split of the embedded Wikipedia corpus, articles joined
-with "\\n\\n"), ``wikitext2`` (WikiText-2 raw test split joined with "\\n\\n", through
-``datasets``), or a path to a local UTF-8 text file.
+with "\\n\\n"), ``python-stdlib`` (the held-out files of the standard-library source corpus,
+megatron/sparse/data/sources.py, joined with "\\n\\n"), ``wikitext2`` (WikiText-2 raw test
+split joined with "\\n\\n", through ``datasets``), or a path to a local UTF-8 text file.
 
 Tokenization: the whole text is tokenized once with the tokenizer's default special tokens (for
 LLaMA tokenizers that is a single BOS at the start of the stream, as in the SparseGPT/Wanda
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-DATA_CHOICES = ("embedded", "wikitext2")
+DATA_CHOICES = ("embedded", "python-stdlib", "wikitext2")
 
 
 def eval_text(data: str) -> str:
@@ -26,12 +27,16 @@ def eval_text(data: str) -> str:
         from megatron.sparse.data.corpus import embedded_articles
 
         return "\n\n".join(_article_text(a) for a in embedded_articles("eval"))
+    if data == "python-stdlib":
+        from megatron.sparse.data.sources import STDLIB, file_documents
+
+        return "\n\n".join(file_documents(STDLIB, "heldout"))
     if data == "wikitext2":
         return wikitext2_text()
     path = Path(data)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {data}: not 'embedded', 'wikitext2' or an existing text "
-                                f"file")
+        raise FileNotFoundError(f"--data {data}: not 'embedded', 'wikitext2', 'python-stdlib' or an "
+                                f"existing text file")
     return path.read_text(encoding="utf-8")
 
 

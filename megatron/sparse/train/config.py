@@ -56,7 +56,8 @@ class RunConfig:
     eval_interval: int = 0
     """Held-out PPL with the current (argmax or fixed) masks every N steps (0: only at the end)."""
     eval_data: str | None = None
-    """Held-out text as in ``tools/eval_ppl.py --data``: embedded, wikitext2 or a text file."""
+    """Held-out text as in ``tools/eval_ppl.py --data``: embedded, python-stdlib, wikitext2 or a
+    text file."""
     eval_windows: int = 16
     """Held-out windows of ``seq_length`` tokens per evaluation, evenly spaced over the text."""
     log_interval: int = 1
