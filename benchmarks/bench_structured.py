@@ -81,7 +81,8 @@ def flop_ratio(args: LlamaArgs, masks: UnitMasks) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", default="/work/artefacts/dense_tp1", help="dense checkpoint")
+    p.add_argument("--load", default=None,
+                   help="dense checkpoint (default: the embedded model, converted into --work)")
     p.add_argument("--keep", type=float, nargs="+", default=[0.8, 0.6],
                    help="keep ratios of random masks")
     p.add_argument("--masks", nargs="+", default=None, help="unit-mask .npz files instead")
@@ -97,6 +98,14 @@ def main() -> None:
     from megatron.sparse.eval.hf_perplexity import load_hf_model
     from megatron.sparse.inference.generate import greedy_generate, timed_forward
 
+    if ns.load is None:
+        ns.load = str(Path(ns.work) / "dense")
+        if not (Path(ns.load) / "model_args.json").is_file():
+            import subprocess
+
+            subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" /
+                                                "convert_hf_to_megatron.py"), "--hf", "embedded",
+                            "--tp", "1", "--out", ns.load], check=True)
     args = ckpt.read_model_args(ns.load)
     gen = torch.Generator().manual_seed(ns.seed)
     if ns.masks:
