@@ -20,8 +20,9 @@ from typing import Callable
 import torch
 
 from megatron.sparse.model import LlamaArgs, causal_attention_mask
+from megatron.sparse.parallel import gather_last_dim
 from megatron.sparse.prune.attention import fused_causal_attention
-from megatron.sparse.prune.calibration import InputStats, _gather_last_dim, _tp
+from megatron.sparse.prune.calibration import InputStats, _tp
 from megatron.sparse.structured.masking import UnitMasker
 from megatron.sparse.structured.policy import Budget, KeepProbs
 
@@ -96,8 +97,8 @@ def wanda_sp_probs(model: torch.nn.Module, args: LlamaArgs, tokens: torch.Tensor
             head = col.reshape(-1, args.kv_channels).sum(dim=1)
             group_scores = head.reshape(-1, heads_per_group).mean(dim=1)
             chan_scores = column_scores(fc2.weight, stats["fc2"])
-            group_scores = _gather_last_dim(group_scores[None], tp, group)[0].cpu()
-            chan_scores = _gather_last_dim(chan_scores[None], tp, group)[0].cpu()
+            group_scores = gather_last_dim(group_scores[None], tp, group)[0].cpu()
+            chan_scores = gather_last_dim(chan_scores[None], tp, group)[0].cpu()
             if "heads" in budget.units:
                 probs.kv_groups[index] = sigmap(group_scores, frac["kv_groups"])
                 init_groups[index] = top_fraction(group_scores, frac["kv_groups"])
