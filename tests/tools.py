@@ -30,7 +30,10 @@ def run_tool(name: str, *args, nproc: int = 1, timeout: float = 600,
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd += [str(TOOLS / f"{name}.py"), *map(str, args)]
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV} | env_overrides
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    if nproc > 1:  # ranks x threads <= cores: oversubscribed OpenMP spin-waits stall CI machines
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env |= env_overrides
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 

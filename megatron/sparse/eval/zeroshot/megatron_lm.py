@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -129,10 +128,12 @@ class MegatronLM(TemplateLM):
             tokens = torch.zeros(len(batch), width, dtype=torch.long)
             for j, i in enumerate(batch):
                 tokens[j, :len(rows[i][0])] = torch.tensor(rows[i][0])
-            logprobs = F.log_softmax(self.forward.logits(tokens), dim=-1).cpu()
+            logits = self.forward.logits(tokens)
             for j, i in enumerate(batch):
                 inp, cont = rows[i]
-                lp = logprobs[j, len(inp) - len(cont):len(inp)]
+                # float64 on the scored rows only: an fp32 log-softmax over a 49k-128k vocab
+                # rounds its exp-sum by ~1e-5 per token, which can flip near-tied choices
+                lp = logits[j, len(inp) - len(cont):len(inp)].double().log_softmax(-1).cpu()
                 target = torch.tensor(cont)
                 score = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())

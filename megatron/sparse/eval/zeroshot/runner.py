@@ -13,8 +13,10 @@ Task specs (``--tasks``, comma separated):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +100,22 @@ def check_settings(*, limit: int | None, num_fewshot: int | None) -> None:
         raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
 
 
+@contextlib.contextmanager
+def _bootstrap_in_process():
+    """Bootstrap stderrs in this process (lm-eval's ``DISABLE_MULTIPROC``): its default forks a
+    ``multiprocessing.Pool`` of ``cpu_count`` copies of a process that holds the model, OpenMP
+    threads and gloo groups, and such forked children can deadlock (seen: a hung test run)."""
+    saved = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("DISABLE_MULTIPROC")
+        else:
+            os.environ["DISABLE_MULTIPROC"] = saved
+
+
 def run_tasks(lm, plan: TaskPlan, *, num_fewshot: int | None = None, limit: int | None = None,
               bootstrap_iters: int = 1000) -> dict:
     """``lm_eval.simple_evaluate`` on ``plan``; the raw lm-eval result dict."""
@@ -107,9 +125,10 @@ def run_tasks(lm, plan: TaskPlan, *, num_fewshot: int | None = None, limit: int 
     check_settings(limit=limit, num_fewshot=num_fewshot)
     tm = TaskManager(include_path=plan.include_paths or None, include_defaults=plan.registry)
     try:
-        return simple_evaluate(model=lm, tasks=plan.names, num_fewshot=num_fewshot, limit=limit,
-                               bootstrap_iters=bootstrap_iters, task_manager=tm,
-                               log_samples=True)
+        with _bootstrap_in_process():
+            return simple_evaluate(model=lm, tasks=plan.names, num_fewshot=num_fewshot,
+                                   limit=limit, bootstrap_iters=bootstrap_iters,
+                                   task_manager=tm, log_samples=True)
     except ConnectionError as exc:
         raise ValueError(f"a task's data could not be downloaded ({exc}); registry tasks need "
                          f"the network or HF_DATASETS_CACHE; offline, use --tasks local") from None
