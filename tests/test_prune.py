@@ -9,7 +9,7 @@ from megatron.sparse.convert.sharding import merge_state_dicts, shard_state_dict
 from megatron.sparse.layers import set_mask_state, sparse_layers
 from megatron.sparse.model import model_forward
 from megatron.sparse.prune.apply import store_mask
-from megatron.sparse.prune.calibration import prune_model
+from megatron.sparse.prune.calibration import InputStats, prune_model
 from megatron.sparse.prune.magnitude import magnitude_mask
 from megatron.sparse.prune.sparsegpt import sparsegpt_prune
 from megatron.sparse.prune.wanda import wanda_mask
@@ -115,6 +115,24 @@ def test_sparsegpt_matches_reference(block_size):
     assert none is None and torch.equal(mask_only, mask)
     # and the mask is not simply the magnitude mask
     assert not torch.equal(mask, magnitude_mask(weight=w))
+
+
+@pytest.mark.parametrize("width", [7, 256, 300, 1536])
+def test_hessian_from_blocked_gram_equals_float64_reference(width):
+    """The upper-block-row accumulation gives the full symmetric ``2/n sum x x^T``: against a
+    float64 product over several batches, widths below, at and across the block size."""
+    gen = torch.Generator().manual_seed(width)
+    batches = [torch.randn(b, 3, width, generator=gen) for b in (5, 1, 9)]
+    stats = InputStats(wanda=False, hessian=True)
+    for x in batches:
+        stats.add(x)
+    x64 = torch.cat([x.reshape(-1, width) for x in batches]).double()
+    ref = 2.0 / x64.shape[0] * x64.t() @ x64
+    got = stats.hessian_matrix()
+    assert stats.num_tokens == x64.shape[0] and torch.equal(got, got.t())
+    # fp32 sums of n = 45 products: |err H_ij| <= (2/n) n u sum_t |x_ti x_tj| = 2 n u mean|x x|,
+    # and mean|x_ti x_tj| < 4 for unit normals
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=45 * 2**-24 * 2 * 4)
 
 
 def test_store_mask_keeps_the_exact_mask_as_uint8_choices():

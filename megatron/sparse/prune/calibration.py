@@ -59,10 +59,27 @@ def _tp() -> tuple[int, int, object]:
     return 1, 0, None
 
 
+GRAM_BLOCK = 256
+
+
+def add_upper_gram(acc: torch.Tensor, x: torch.Tensor, *, block: int = GRAM_BLOCK) -> None:
+    """``acc += x^T x`` on the block rows' upper part only (a blocked SYRK).
+
+    Row block ``i`` gets ``x[:, i]^T x[:, i:]``: for a 1536-wide input in blocks of 256 that is
+    58 % of the full product's multiply-adds, as GEMMs on strided views (no copies). The entries
+    below the diagonal blocks are never written; :meth:`InputStats.hessian_matrix` mirrors the
+    upper triangle.
+    """
+    d = x.shape[1]
+    for i in range(0, d, block):
+        acc[i:i + block, i:].addmm_(x[:, i:i + block].t(), x[:, i:])
+
+
 class InputStats:
     """Running statistics of one linear's calibration input (rows = tokens).
 
-    ``sq_sum``: per-column sum of squares (Wanda); ``xtx``: sum of ``x x^T`` (SparseGPT);
+    ``sq_sum``: per-column sum of squares (Wanda); ``xtx``: sum of ``x x^T`` (SparseGPT; upper
+    block rows only, see :func:`add_upper_gram`);
     ``gather``: all-gather the input over the TP group first (row-parallel, full Hessian).
     """
 
@@ -86,14 +103,15 @@ class InputStats:
             if self.xtx is None:
                 self.xtx = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float32,
                                        device=xf.device)
-            self.xtx.addmm_(xf.t(), xf)  # fp32 sum of x x^T in place, no per-batch temporary
+            add_upper_gram(self.xtx, xf)
         self.num_tokens += x.shape[0]
 
     def hessian_matrix(self) -> torch.Tensor:
-        """``H = 2/n sum x x^T``."""
+        """``H = 2/n sum x x^T`` (the full symmetric matrix)."""
         if self.xtx is None or self.num_tokens == 0:
             raise ValueError("no calibration input reached this layer")
-        return self.xtx * (2.0 / self.num_tokens)
+        upper = self.xtx.triu()
+        return upper.add_(upper.triu(1).t()).mul_(2.0 / self.num_tokens)
 
     def hook(self, module, args) -> None:
         self.add(args[0])
