@@ -11,10 +11,12 @@ hidden 576, FFN 1536, 9/3 heads, vocab 49152) is used. Each method runs in a fre
 that the peak RSS is its own. Prints one line per method and a JSON summary.
 
     python benchmarks/bench_prune.py --peer llmcompressor --peer-python /path/to/venv/bin/python \
-        [--samples 32] [--seq-length 512] [--repeats 2] [--work-dir DIR]
+        [--samples 32] [--seq-length 512] [--draws 3] [--repeats 1] [--work-dir DIR]
 
 compares our SparseGPT + weight update with llm-compressor's on the same calibration windows and
-one evaluator (see benchmarks/prune_vs_peer.py); llm-compressor pins its own transformers, so it
+one evaluator (see benchmarks/prune_vs_peer.py), on ``--draws`` disjoint sets of windows (the
+PPL of a 2:4 model moves by a few percent with its calibration windows, more than the two
+implementations differ by; the mean over draws is the comparison); llm-compressor pins its own transformers, so it
 usually lives in a separate venv. Without llm-compressor in ``--peer-python`` the peer is skipped
 with a message.
 """
@@ -73,8 +75,52 @@ def run_one(ns: argparse.Namespace) -> dict:
         parallel.shutdown()
 
 
+def _peer_draw(ns: argparse.Namespace, paths: dict, work: Path, *, offset: int) -> dict:
+    """One calibration draw: both sides prune (``ns.repeats`` times, alternating order) on the
+    windows that start ``offset`` windows in, then one evaluator scores both. Cached in
+    ``work/draw_o{offset}/`` so an interrupted comparison resumes."""
+    import prune_vs_peer as peer
+
+    samples, seq = ns.samples, ns.seq_length
+    out = work / f"draw_o{offset}"
+    record_file = out / f"record_{samples}x{seq}.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    if not record.get("runs") and ns.skip_prune:
+        raise SystemExit(f"--skip-prune: no pruned models recorded in {out}; run without it")
+    if not record.get("runs"):
+        tokens = peer.draw_tokens(paths, out, samples=samples, seq_length=seq, offset=offset)
+        sides = [lambda: peer.run_ours(paths, out, samples=samples, seq_length=seq,
+                                       offset=offset, micro_batch_size=ns.micro_batch_size),
+                 lambda: peer.run_peer(paths, out, tokens=tokens, peer_python=ns.peer_python,
+                                       batch_size=ns.peer_batch_size)]
+        record = {"offset": offset, "runs": []}
+        for repeat in range(ns.repeats):
+            order = sides if (repeat + offset // samples) % 2 == 0 else sides[::-1]
+            rows = {row["side"]: row for row in (run() for run in order)}
+            record["runs"].append(rows)
+            print(f"draw at window {offset}, run {repeat + 1}: ours {rows['ours']['seconds']:.1f}"
+                  f" s, {rows['ours']['peak_rss_mib']} MiB; llmcompressor "
+                  f"{rows['llmcompressor']['seconds']:.1f} s, "
+                  f"{rows['llmcompressor']['peak_rss_mib']} MiB", flush=True)
+        record_file.write_text(json.dumps(record))
+    if not ns.skip_eval and "eval" not in record:
+        record["eval"] = peer.evaluate(out, ns.heldout)
+        record_file.write_text(json.dumps(record))
+        ev = record["eval"]
+        print(f"draw at window {offset}: PPL ours {ev['ppl_ours']:.3f}, llmcompressor "
+              f"{ev['ppl_llmcompressor']:.3f}; masks agree on {ev['mask_agreement']:.1%}",
+              flush=True)
+    return record
+
+
+def _spread(values: list[float]) -> str:
+    """Mean, and min-max over draws when there are several."""
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
+
+
 def compare_with_peer(ns: argparse.Namespace) -> None:
-    """Ours vs the peer, back to back per repeat; prints a table of the three ratios."""
+    """Ours vs the peer on ``--draws`` disjoint calibration draws; prints the three ratios."""
     import prune_vs_peer as peer  # benchmarks/ is on sys.path when run as a script
 
     version = peer.peer_available(ns.peer_python)
@@ -85,44 +131,43 @@ def compare_with_peer(ns: argparse.Namespace) -> None:
     from megatron.sparse.cli import quiet_library_notices
 
     quiet_library_notices()
-    samples, seq = ns.samples or 32, ns.seq_length
+    ns.samples = ns.samples or 32
+    samples, seq = ns.samples, ns.seq_length
     work = Path(ns.work_dir)
-    paths = peer.prepare(work, samples=samples, seq_length=seq)
-    runs_file = work / f"runs_{samples}x{seq}.json"
-    runs = json.loads(runs_file.read_text()) if ns.skip_prune and runs_file.is_file() else []
-    for repeat in range(0 if ns.skip_prune else ns.repeats):
-        sides = [lambda: peer.run_ours(paths, work, samples=samples, seq_length=seq,
-                                       micro_batch_size=ns.micro_batch_size),
-                 lambda: peer.run_peer(paths, work, peer_python=ns.peer_python,
-                                       batch_size=ns.peer_batch_size)]
-        rows = {row["side"]: row for row in (run() for run in sides[::1 - 2 * (repeat % 2)])}
-        runs.append(rows)
-        print(f"run {repeat + 1}: ours {rows['ours']['seconds']:.1f} s, "
-              f"{rows['ours']['peak_rss_mib']} MiB; llmcompressor "
-              f"{rows['llmcompressor']['seconds']:.1f} s, {rows['llmcompressor']['peak_rss_mib']} "
-              f"MiB", flush=True)
-    if not ns.skip_prune:
-        runs_file.write_text(json.dumps(runs))
+    paths = peer.prepare(work)
+    dense_ppl = None
+    if not ns.skip_eval:
+        ns.heldout = peer.heldout_windows(paths, seq_length=seq, max_windows=ns.eval_windows)
+        dense_ppl, _ = peer.hf_ppl(paths["hf_dense"], ns.heldout)
+    records = [_peer_draw(ns, paths, work, offset=ns.calib_offset + d * samples)
+               for d in range(ns.draws)]
     if ns.skip_eval:
-        print(json.dumps({"peer": f"llmcompressor {version}", "runs": runs}))
+        print(json.dumps({"peer": f"llmcompressor {version}", "draws": records}))
         return
-    ev = peer.evaluate(paths, work, seq_length=seq, max_windows=ns.eval_windows)
-    print(f"\nSparseGPT + weight update, 2:4, {samples} x {seq} calibration tokens (same windows), "
-          f"llmcompressor {version}; PPL on held-out embedded text, {ev['eval_windows'][0]} x "
-          f"{seq} windows, one evaluator (dense {ev['ppl_dense']:.2f})")
-    print(f"{'run':>4} {'ours s':>8} {'peer s':>8} {'time':>6} {'ours MiB':>9} {'peer MiB':>9} "
-          f"{'memory':>7} {'ours PPL':>9} {'peer PPL':>9} {'PPL':>7}")
-    ppl = ev["ppl_ours"] / ev["ppl_llmcompressor"]
-    for i, rows in enumerate(runs):
-        o, q = rows["ours"], rows["llmcompressor"]
-        print(f"{i + 1:>4} {o['seconds']:8.1f} {q['seconds']:8.1f} "
-              f"{o['seconds'] / q['seconds']:6.2f} {o['peak_rss_mib']:9d} {q['peak_rss_mib']:9d} "
-              f"{o['peak_rss_mib'] / q['peak_rss_mib']:7.2f} {ev['ppl_ours']:9.3f} "
-              f"{ev['ppl_llmcompressor']:9.3f} {ppl:7.4f}")
-    print(f"ratios are ours/peer; time and peak RSS are whole processes (load + calibrate + "
-          f"prune + save, no evaluation); masks agree on {ev['mask_agreement']:.1%} of weights")
+    print(f"\nSparseGPT + weight update, 2:4, {samples} x {seq} calibration tokens per draw (both "
+          f"sides the same windows), llmcompressor {version}; PPL on held-out embedded text, "
+          f"{ns.heldout.shape[0]} x {seq} windows, one evaluator (dense {dense_ppl:.2f})")
+    print(f"{'window':>6} {'run':>3} {'ours s':>7} {'peer s':>7} {'time':>5} {'ours MiB':>8} "
+          f"{'peer MiB':>8} {'memory':>6} {'ours PPL':>9} {'peer PPL':>9} {'PPL':>6} {'masks':>6}")
+    ratios = {"time": [], "memory": [], "ppl": []}
+    for record in records:
+        ev = record["eval"]
+        ppl = ev["ppl_ours"] / ev["ppl_llmcompressor"]
+        ratios["ppl"].append(ppl)
+        for i, rows in enumerate(record["runs"]):
+            o, q = rows["ours"], rows["llmcompressor"]
+            ratios["time"].append(o["seconds"] / q["seconds"])
+            ratios["memory"].append(o["peak_rss_mib"] / q["peak_rss_mib"])
+            print(f"{record['offset']:>6} {i + 1:>3} {o['seconds']:7.1f} {q['seconds']:7.1f} "
+                  f"{ratios['time'][-1]:5.2f} {o['peak_rss_mib']:8d} {q['peak_rss_mib']:8d} "
+                  f"{ratios['memory'][-1]:6.2f} {ev['ppl_ours']:9.3f} "
+                  f"{ev['ppl_llmcompressor']:9.3f} {ppl:6.3f} {ev['mask_agreement']:6.1%}")
+    print("ours/peer over all draws, mean (min-max): " + ", ".join(
+        f"{name} {_spread(values)}" for name, values in ratios.items()))
+    print("time and peak RSS are whole processes (load + calibrate + prune + save, no evaluation)")
     print(json.dumps({"peer": f"llmcompressor {version}", "samples": samples, "seq_length": seq,
-                      "runs": runs, "eval": ev}))
+                      "dense_ppl": dense_ppl, "draws": records,
+                      "mean_ratios": {k: sum(v) / len(v) for k, v in ratios.items()}}))
 
 
 def main() -> None:
@@ -143,14 +188,20 @@ def main() -> None:
                    help="Python interpreter where the peer is installed")
     p.add_argument("--peer-batch-size", type=int, default=1,
                    help="peer calibration batch size (llm-compressor's default 1)")
-    p.add_argument("--repeats", type=int, default=1, help="--peer: timed runs per side")
+    p.add_argument("--repeats", type=int, default=1, help="--peer: timed runs per side per draw")
+    p.add_argument("--draws", type=int, default=1,
+                   help="--peer: disjoint calibration draws (draw d starts --calib-offset + d x "
+                        "--samples windows in); the table gives each and the mean ratios")
+    p.add_argument("--calib-offset", type=int, default=0,
+                   help="--peer: window where the first draw starts")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="--peer: evaluate N held-out windows (default all)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "bench_prune_peer"),
                    help="--peer: dense model, data and pruned models (reused between runs)")
     p.add_argument("--skip-prune", action="store_true",
                    help="--peer: only evaluate the pruned models already in --work-dir (the "
-                        "table shows the timings recorded by the run that pruned them)")
+                        "table shows the timings recorded by the run that pruned them); a draw "
+                        "already recorded there is never pruned again")
     p.add_argument("--skip-eval", action="store_true", help="--peer: timings only")
     ns = p.parse_args()
     if ns.peer:

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,16 +42,14 @@ MIB = 2**20
 
 def peak_rss(cmd: list[str]) -> tuple[int, float]:
     """``(peak RSS bytes, seconds)`` of one command run to completion (fails on exit != 0)."""
-    start = time.perf_counter()
+    from child_rss import run_measured  # benchmarks/ is on sys.path when run as a script
+
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"} | dict(os.environ)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{out[-3000:]}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - start
+    row = run_measured(cmd, env=env, capture=True)
+    if row["returncode"] != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({row['returncode']}):\n"
+                         f"{row['output'][-3000:]}")
+    return row["peak_rss_bytes"], row["seconds"]
 
 
 def tool(name: str, *args) -> list[str]:

@@ -11,7 +11,8 @@ Used by ``benchmarks/bench_prune.py --peer llmcompressor``. Steps, all in ``--wo
    --update-weight --calib-data PREFIX``) and the peer (``benchmarks/peer_llmcompressor.py`` in
    the peer's Python, reading ``calib.npy``). Each process loads the dense model, calibrates,
    prunes and saves the pruned model; its wall time and its peak RSS (``ru_maxrss`` from
-   ``wait4``: the whole process, so load + calibrate + prune + save, no evaluation) are recorded;
+   ``wait4``: the whole process, so load + calibrate + prune + save, no evaluation; measured
+   through ``child_rss.run_measured`` so the benchmark's own size does not leak in) are recorded;
 3. ours is exported to Hugging Face (``tools/export_hf.py``) and both pruned models (and the
    dense one) are evaluated here by one evaluator, :func:`hf_perplexity` on the held-out
    embedded text in the same ``L``-token windows, after checking both are 2:4.
@@ -24,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,20 +34,16 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def timed_child(cmd: list[str], *, log: Path, env: dict | None = None) -> dict:
     """Run ``cmd`` to completion: wall and CPU seconds, peak RSS (MiB), last stdout line."""
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True, env=env)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    from child_rss import run_measured  # benchmarks/ is on sys.path
+
+    with open(log, "w") as err, open(log.with_suffix(".stdout"), "w") as out:
+        row = run_measured(cmd, stdout=out, stderr=err, env=env)
+    if row["returncode"] != 0:
         script = next((Path(c).name for c in cmd if c.endswith(".py")), cmd[0])
-        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log}")
-    lines = [line for line in stdout.strip().splitlines() if line.strip()]
-    return {"seconds": round(seconds, 1),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        raise SystemExit(f"{script} failed (exit {row['returncode']}); see {log}")
+    lines = [line for line in log.with_suffix(".stdout").read_text().splitlines() if line.strip()]
+    return {"seconds": round(row["seconds"], 1), "cpu_seconds": round(row["cpu_seconds"], 1),
+            "peak_rss_mib": round(row["peak_rss_bytes"] / 2**20),
             "last_line": lines[-1] if lines else ""}
 
 
@@ -70,15 +66,10 @@ def _tool(name: str, *args: str, log: Path) -> None:
             raise SystemExit(f"tools/{name} failed; see {log}")
 
 
-def prepare(work: Path, *, samples: int, seq_length: int) -> dict[str, Path]:
-    """Dense HF dir, dense checkpoint, calibration prefix and ``calib.npy`` (reused if present)."""
-    import numpy as np
-
-    from megatron.sparse.data.indexed import read_token_windows
-
+def prepare(work: Path) -> dict[str, Path]:
+    """Dense HF dir, dense checkpoint and the calibration prefix (reused if present)."""
     work.mkdir(parents=True, exist_ok=True)
-    paths = {"hf_dense": work / "hf_dense", "dense": work / "dense", "calib": work / "calib_train",
-             "tokens": work / f"calib_{samples}x{seq_length}.npy"}
+    paths = {"hf_dense": work / "hf_dense", "dense": work / "dense", "calib": work / "calib_train"}
     if not (paths["hf_dense"] / "model.safetensors").is_file():
         from megatron.sparse.embedded import load_embedded_model, load_embedded_tokenizer
 
@@ -92,19 +83,32 @@ def prepare(work: Path, *, samples: int, seq_length: int) -> dict[str, Path]:
     if not Path(f"{paths['calib']}.idx").is_file():
         _tool("preprocess_data.py", "--input", "embedded-train", "--tokenizer", "embedded",
               "--out", str(paths["calib"]), log=work / "preprocess.log")
-    windows = read_token_windows(str(paths["calib"]), seq_length, num_windows=samples)
-    np.save(paths["tokens"], windows.numpy())
     return paths
 
 
-def run_ours(paths: dict[str, Path], work: Path, *, samples: int, seq_length: int,
+def draw_tokens(paths: dict[str, Path], out: Path, *, samples: int, seq_length: int,
+                offset: int) -> Path:
+    """The ``[samples, seq_length]`` windows ``prune_oneshot.py --calib-offset`` reads, as .npy."""
+    import numpy as np
+
+    from megatron.sparse.data.indexed import read_token_windows
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = out / f"calib_{samples}x{seq_length}_o{offset}.npy"
+    windows = read_token_windows(str(paths["calib"]), seq_length, num_windows=samples,
+                                 offset=offset)
+    np.save(tokens, windows.numpy())
+    return tokens
+
+
+def run_ours(paths: dict[str, Path], work: Path, *, samples: int, seq_length: int, offset: int,
              micro_batch_size: int | None) -> dict:
     out = work / "ours_pruned"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-W", "ignore", str(ROOT / "tools" / "prune_oneshot.py"),
            "--load", str(paths["dense"]), "--method", "sparsegpt", "--update-weight",
            "--calib-data", str(paths["calib"]), "--calib-samples", str(samples),
-           "--seq-length", str(seq_length), "--save", str(out)]
+           "--seq-length", str(seq_length), "--calib-offset", str(offset), "--save", str(out)]
     if micro_batch_size:
         cmd += ["--micro-batch-size", str(micro_batch_size)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
@@ -113,11 +117,12 @@ def run_ours(paths: dict[str, Path], work: Path, *, samples: int, seq_length: in
     return {"side": "ours", **row, "detail": detail}
 
 
-def run_peer(paths: dict[str, Path], work: Path, *, peer_python: str, batch_size: int) -> dict:
+def run_peer(paths: dict[str, Path], work: Path, *, tokens: Path, peer_python: str,
+             batch_size: int) -> dict:
     out = work / "peer_pruned"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [peer_python, str(PEER_SCRIPT), "--model", str(paths["hf_dense"]), "--tokens",
-           str(paths["tokens"]), "--out", str(out), "--batch-size", str(batch_size)]
+           str(tokens), "--out", str(out), "--batch-size", str(batch_size)]
     row = timed_child(cmd, log=work / "peer.log")
     detail = json.loads(row.pop("last_line"))
     return {"side": "llmcompressor", **row, "detail": detail}
@@ -135,27 +140,34 @@ def _projection_masks(model) -> dict[str, "torch.Tensor"]:
     return masks
 
 
-def evaluate(paths: dict[str, Path], work: Path, *, seq_length: int,
-             max_windows: int | None) -> dict:
-    """Export ours, then one evaluator for dense, ours and peer; plus their mask agreement."""
+def heldout_windows(paths: dict[str, Path], *, seq_length: int, max_windows: int | None):
+    """The held-out embedded text in ``seq_length`` windows, tokenized like the dense model."""
+    from megatron.sparse.data.tokenizer import load_tokenizer
+    from megatron.sparse.eval.datasets import eval_windows
+
+    return eval_windows("embedded", load_tokenizer(str(paths["hf_dense"])),
+                        seq_length=seq_length, max_windows=max_windows)
+
+
+def hf_ppl(path: Path, windows) -> tuple[float, "torch.nn.Module"]:
+    """Perplexity of the HF model at ``path`` on ``windows`` (fp32), and the model."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron.sparse.data.tokenizer import load_tokenizer
-    from megatron.sparse.eval.datasets import eval_windows
     from megatron.sparse.eval.hf_perplexity import hf_perplexity
 
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return round(hf_perplexity(model, windows).ppl, 4), model
+
+
+def evaluate(work: Path, windows) -> dict:
+    """Export ours, then one evaluator for ours and the peer; plus their mask agreement."""
     _tool("export_hf.py", "--load", str(work / "ours_pruned"), "--out", str(work / "ours_hf"),
           "--overwrite", log=work / "export.log")
-    windows = eval_windows("embedded", load_tokenizer(str(paths["hf_dense"])),
-                           seq_length=seq_length, max_windows=max_windows)
     result, masks = {"eval_windows": list(windows.shape)}, {}
-    for side, path in (("dense", paths["hf_dense"]), ("ours", work / "ours_hf"),
-                       ("llmcompressor", work / "peer_pruned")):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        if side != "dense":
-            masks[side] = _projection_masks(model)
-        result[f"ppl_{side}"] = round(hf_perplexity(model, windows).ppl, 4)
+    for side, path in (("ours", work / "ours_hf"), ("llmcompressor", work / "peer_pruned")):
+        result[f"ppl_{side}"], model = hf_ppl(path, windows)
+        masks[side] = _projection_masks(model)
         del model
     same = sum(int((masks["ours"][k] == masks["llmcompressor"][k]).sum()) for k in masks["ours"])
     total = sum(m.numel() for m in masks["ours"].values())

@@ -72,6 +72,19 @@ def test_valid_files_pass_and_read_back(tmp_path):
     assert read_token_windows(prefix, 4).shape == (sum(len(d) + 1 for d in DOCS) // 4, 4)
 
 
+def test_calibration_offset_reads_the_next_disjoint_windows(tmp_path):
+    prefix = str(tmp_path / "d")
+    _write(prefix)
+    stream = [t for d in DOCS for t in [b + 1 for b in d.encode()] + [0]]
+    second = calibration_windows(prefix, tokenizer_spec=None, seq_length=4, num_samples=2,
+                                 offset=3)
+    assert second.tolist() == [stream[12:16], stream[16:20]]
+    with pytest.raises(ValueError, match="after offset 7"):
+        calibration_windows(prefix, tokenizer_spec=None, seq_length=4, num_samples=2, offset=7)
+    with pytest.raises(ValueError, match="--calib-offset must be >= 0"):
+        calibration_windows(prefix, tokenizer_spec=None, seq_length=4, num_samples=1, offset=-1)
+
+
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_corrupted_files_are_one_line_errors(tmp_path, case):
     prefix = str(tmp_path / "d")

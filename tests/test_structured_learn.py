@@ -175,6 +175,55 @@ def test_tp2_gives_the_masks_losses_and_init_of_tp1():
     assert torch.allclose(one["probs"], two["probs"], atol=1e-4)
 
 
+class _FixedBatches:
+    """``micro_batches(step)`` of the learner: one fixed ``[b, s + 1]`` batch per step."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+    def micro_batches(self, step: int):
+        batch = self.tokens[step % self.tokens.shape[0]]
+        yield batch[:, :-1], batch[:, 1:]
+
+
+def _learned(full_state, tokens, steps):
+    from megatron.sparse.structured.config import StructConfig
+    from megatron.sparse.structured.trainer import StructuredLearner
+
+    args = tiny_gqa()
+    model = args.build(sparse=False)
+    model.load_state_dict(full_state)
+    budget = Budget(keep_ratio=0.7, units=("channels", "heads", "blocks"), channel_multiple=8)
+    cfg = StructConfig(load="-", calib_data="-", keep_ratio=0.7, units="channels,heads,blocks",
+                       steps=steps, samples_per_step=4, batch_size=2, micro_batch_size=2,
+                       seq_length=tokens.shape[-1] - 1, log_interval=steps, lr=0.05)
+    learner = StructuredLearner(model=model, args=args, cfg=cfg, budget=budget,
+                                probs=KeepProbs.uniform(args, budget), data=_FixedBatches(tokens))
+    probs = learner.run()
+    return {"probs": torch.cat([t.flatten() for t in probs.tensors().values()]),
+            "baseline": torch.tensor(float("nan") if learner.baseline.value is None
+                                     else learner.baseline.value, dtype=torch.float64)}
+
+
+@pytest.mark.slow
+def test_dp2_learns_the_probabilities_of_dp1():
+    """DP splits the K samples of a step over the ranks (sample k on rank k % dp) and sums the
+    losses: every sample's loss is computed whole on one rank, so DP=2 must end bitwise where
+    DP=1 does (both run one thread per rank)."""
+    args = tiny_gqa()
+    with parallel.distributed(1, seed=12):
+        full_state = args.build(sparse=False).state_dict()
+    full_state = {k: v for k, v in full_state.items() if v is not None and "_extra_state" not in k}
+    tokens = torch.randint(0, args.vocab_size, (3, 2, 17),
+                           generator=torch.Generator().manual_seed(4))
+    one = run_distributed(_learned, 1, full_state, tokens, 4, tp=1)
+    two = run_distributed(_learned, 2, full_state, tokens, 4, tp=1)
+    uniform = run_distributed(_learned, 1, full_state, tokens, 0, tp=1)
+    assert not torch.equal(one["probs"], uniform["probs"])  # the 4 steps moved the probabilities
+    assert torch.equal(one["probs"], two["probs"])
+    assert torch.equal(one["baseline"], two["baseline"])
+
+
 # -- bad inputs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.5])
 def test_keep_ratio_outside_range_is_an_error(keep):

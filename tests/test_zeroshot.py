@@ -52,6 +52,42 @@ def test_local_tasks_are_deterministic_and_well_formed(tmp_path):
         assert all(len(c.split()) == local_tasks.CHOICE_WORDS for c in row["choices"])
 
 
+def test_local_task_requests_continue_the_text_as_written(tmp_path):
+    """What lm-eval asks the model for each local example: the context and continuation joined
+    are the held-out words as they stand (a cloze target without its leading space scores a
+    different token, near chance, for every model alike)."""
+    from lm_eval.api.model import LM
+
+    class Recorder(LM):
+        def __init__(self):
+            super().__init__()
+            self.requests = []
+
+        def loglikelihood(self, requests):
+            self.requests += [r.args for r in requests]
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests):
+            raise AssertionError("the local tasks are not rolling")
+
+        def generate_until(self, requests):
+            raise AssertionError("the local tasks do not generate")
+
+    texts = _texts(4)
+    plan = runner.TaskPlan(names=local_tasks.build_local_tasks(
+        texts, tmp_path, prefix="toy", n_examples=6, seed=3), include_paths=[str(tmp_path)])
+    lm = Recorder()
+    runner.run_tasks(lm, plan, bootstrap_iters=0)
+    joined = [" ".join(t.split()) for t in texts]
+    assert len(lm.requests) == 6 + 6 * local_tasks.CHOICES
+    for context, continuation in lm.requests:
+        assert continuation.startswith(" ") and not continuation.startswith("  ")
+    cloze = [json.loads(x) for x in (tmp_path / "toy_cloze.jsonl").read_text().splitlines()]
+    for row in cloze:
+        assert (row["context"], " " + row["target"]) in lm.requests
+        assert any(row["context"] + " " + row["target"] in text for text in joined)
+
+
 def test_local_task_errors(tmp_path):
     with pytest.raises(ValueError, match="fewer than n_examples=999"):
         local_tasks.build_local_tasks(_texts(1), tmp_path, prefix="toy", n_examples=999, seed=0)

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'embedded' or the prefix of a tokenized .bin/.idx dataset (not needed "
                         "for magnitude)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--calib-offset", type=int, default=0,
+                   help="skip this many windows of --calib-data first (a disjoint draw)")
     p.add_argument("--seq-length", type=int, default=None,
                    help="calibration sequence length (not needed for magnitude)")
     p.add_argument("--save", required=True, help="output checkpoint directory")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         if ns.method != "magnitude":
             windows = calibration_windows(ns.calib_data, tokenizer_spec=meta.get("tokenizer"),
                                           seq_length=ns.seq_length, num_samples=ns.calib_samples,
-                                          vocab_size=args.vocab_size)
+                                          vocab_size=args.vocab_size, offset=ns.calib_offset)
         if ns.seq_length and ns.seq_length > args.max_position_embeddings:
             raise ValueError(f"--seq-length {ns.seq_length} exceeds the model's "
                              f"max_position_embeddings ({args.max_position_embeddings})")
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             base_checkpoint=meta.get("base_checkpoint", os.path.abspath(ns.load)),
             pruning={"method": ns.method, "update_weight": bool(ns.update_weight),
                      "calib_data": ns.calib_data, "calib_samples": ns.calib_samples,
+                     "calib_offset": ns.calib_offset,
                      "seq_length": ns.seq_length, "block_size": ns.block_size,
                      "percdamp": ns.percdamp, "full_row_hessian": not ns.local_row_hessian,
                      "tp": tp, "seconds": round(elapsed, 1)})

@@ -31,9 +31,8 @@ class TransferConfig(RunSettings):
 
     work_dir: str = "runs/transfer"
     """Where checkpoints, data, logs and results go."""
-    train_iters: int = 10
-    """Mask-learning steps of the general (Wikipedia) mask: a quarter of the demo's 40, to keep
-    the study's three mask-learning runs within the demo's run time."""
+    train_iters: int = 40
+    """Mask-learning steps of the general (Wikipedia) mask: the demo's 40."""
     eval_interval: int = 0
     """Held-out PPL every N mask-learning steps (0: only after the last step)."""
     save_interval: int = 3
@@ -42,7 +41,7 @@ class TransferConfig(RunSettings):
     domain: str = "python-stdlib"
     """The domain: its training split is tokenised for calibration and mask learning, and
     ``tools/eval_ppl.py --data DOMAIN`` reads its held-out split."""
-    domain_iters: int = 5
+    domain_iters: int = 20
     """Mask-learning steps of each domain mask (both get the same steps, batch and length)."""
     dense: str | None = None
     """A converted dense checkpoint of the embedded model to reuse (default: convert it)."""

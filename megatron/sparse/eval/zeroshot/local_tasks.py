@@ -104,7 +104,9 @@ def _task_config(name: str, kind: str, data_file: Path) -> dict:
            "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
            "test_split": "test", "doc_to_text": "{{context}}"}
     if kind == "cloze":
-        cfg |= {"output_type": "loglikelihood", "doc_to_target": "{{target}}",
+        # lm-eval joins a loglikelihood task's context and target as they are (target_delimiter
+        # only applies to multiple_choice): the word's leading space belongs to the target
+        cfg |= {"output_type": "loglikelihood", "doc_to_target": " {{target}}",
                 "metric_list": [
                     {"metric": "perplexity", "aggregation": "perplexity",
                      "higher_is_better": False},
