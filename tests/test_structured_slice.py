@@ -230,6 +230,35 @@ def test_magnitude_prune_and_export_on_sliced_model(tp2_model, tmp_path):
     assert _diff(got, _logits_here(pruned, tokens)) <= TOL
 
 
+def test_mask_learning_and_export_on_sliced_model(tp2_model, tmp_path):
+    """Mask learning runs on the smaller model (per-layer widths, removed blocks), and its
+    result exports to a 2:4 Hugging Face model with the same logits."""
+    from megatron.sparse.mask import is_two_four
+    from tests.train_fixtures import write_tokens
+
+    hf, masks, sliced, gen = tp2_model
+    data, trained, out = str(tmp_path / "tokens"), tmp_path / "trained", tmp_path / "hf"
+    write_tokens(data, docs=8, doc_len=40, vocab=128, seed=5)
+    result = run_tool_in_process("train_mask", "--load", sliced, "--data", data, "--save",
+                                 trained, "--seq-length", 16, "--micro-batch-size", 2,
+                                 "--global-batch-size", 2, "--train-iters", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tool_in_process("export_hf", "--load", trained, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                    dtype=torch.float32).eval()
+    assert any(name.endswith("proj.weight") for name, _ in exported.named_parameters())
+    for name, p in exported.named_parameters():
+        if name.endswith("proj.weight"):
+            assert is_two_four(p != 0), name
+    tokens = torch.randint(0, 128, (2, 16), generator=gen)
+    with torch.no_grad():
+        got = exported(tokens).logits
+    assert _diff(got, _logits_here(trained, tokens)) <= TOL
+
+
 def test_bad_inputs(tp2_model, tmp_path):
     hf, masks, sliced, gen = tp2_model
     dense = sliced.parent / "dense"
