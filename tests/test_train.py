@@ -207,3 +207,39 @@ def test_tokens_per_second_counts_training_steps_only(setup, tmp_path):
     ceiling_with_eval = cfg.global_batch_size * cfg.seq_length / EVAL_SECONDS
     assert min(rates) > ceiling_with_eval, rates
     assert max(rates) > 4 * ceiling_with_eval, rates  # the steady-state windows: steps only
+
+
+def test_keep_checkpoints_deletes_only_older_iterations(setup, tmp_path):
+    """``--keep-checkpoints 2`` with a save every 2 of 6 steps leaves iterations 4 and 6 (and
+    everything else in ``--save``), and the run still resumes from the newest."""
+    from tests.tools import run_tool_in_process
+
+    root, base, data = setup
+    run = tmp_path / "run"
+    common = ["--load", base, "--data", data, "--seq-length", 16, "--micro-batch-size", 2,
+              "--global-batch-size", 4, "--save-interval", 2, "--keep-checkpoints", 2,
+              "--save", run]
+    result = run_tool_in_process("train_mask", *common, "--train-iters", 6)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
+    assert checkpoint.latest_iteration(run) == 6 and (run / "model_args.json").is_file()
+    result = run_tool_in_process("train_mask", *common, "--train-iters", 8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000006", "iter_0000008"]
+    result = run_tool_in_process("train_mask", *common[:-4], "--keep-checkpoints=-1",
+                                 "--save", tmp_path / "bad", "--train-iters", 2)
+    assert result.returncode != 0 and "--keep-checkpoints must be >= 0" in result.stderr
+
+
+def test_remove_old_iterations_never_removes_the_latest(tmp_path):
+    for it in (2, 4, 6):
+        checkpoint.iteration_dir(tmp_path, it).mkdir()
+    (tmp_path / "iter_notes").mkdir()
+    (tmp_path / checkpoint.LATEST_FILE).write_text("2")  # e.g. a rolled-back run
+    removed = checkpoint.remove_old_iterations(tmp_path, keep=1)
+    assert [p.name for p in removed] == ["iter_0000004"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "iter_0000002", "iter_0000006", "iter_notes"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        checkpoint.remove_old_iterations(tmp_path, keep=0)

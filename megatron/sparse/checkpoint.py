@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -196,6 +197,27 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, *, iteration: int,
         _atomic_write_text(root / LATEST_FILE, str(iteration))
     _barrier()
     return final
+
+
+def remove_old_iterations(root: str | Path, *, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``iter_*`` directories of ``root`` (rank 0 only).
+
+    The iteration named by ``latest_checkpointed_iteration.txt`` is always kept; nothing else
+    in ``root`` is touched. Returns the deleted directories."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(root)
+    if not _is_rank0() or not root.is_dir():
+        return []
+    iterations = sorted(int(p.name[5:]) for p in root.iterdir()
+                        if p.is_dir() and re.fullmatch(r"iter_\d{7}", p.name))
+    latest = latest_iteration(root)
+    removed = []
+    for it in iterations[:-keep]:
+        if it != latest:
+            shutil.rmtree(iteration_dir(root, it))
+            removed.append(iteration_dir(root, it))
+    return removed
 
 
 def resolve_iteration(root: str | Path, iteration: int | None = None) -> Path:

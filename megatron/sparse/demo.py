@@ -179,7 +179,7 @@ class Pipeline:
                 "load": dense, "prior": prior, "prior-strength": cfg.prior_strength,
                 "data": train_data, "eval-data": eval_data, "eval-windows": cfg.eval_windows,
                 "eval-interval": cfg.eval_interval, "save-interval": cfg.save_interval,
-                "save": out,
+                "keep-checkpoints": 1, "save": out,
                 "seq-length": cfg.seq_length, "micro-batch-size": cfg.micro_batch_size,
                 "global-batch-size": cfg.global_batch_size, "train-iters": iters,
                 "lr": cfg.lr, "min-lr": cfg.lr / 10, "adam-eps": cfg.adam_eps,

@@ -53,6 +53,10 @@ class RunConfig:
     """Softmax temperature T of the distillation term."""
     save_interval: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end and on preemption)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N iteration directories of ``--save`` (each holds the model, the
+    logits or weights and their optimizer state); older ones are deleted after a save is
+    published. 0 keeps all."""
     eval_interval: int = 0
     """Held-out PPL with the current (argmax or fixed) masks every N steps (0: only at the end)."""
     eval_data: str | None = None

@@ -53,6 +53,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, method: TrainingMethod | None = None):
         self.cfg = cfg
         self.distill = DistillConfig.from_config(cfg)  # validated before anything is read
+        if cfg.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be >= 0 (0 keeps all), got "
+                             f"{cfg.keep_checkpoints}")
         self.method = method or method_for(cfg)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.dp = parallel_state.get_data_parallel_world_size()
@@ -171,6 +174,8 @@ class Trainer:
         ckpt.save_checkpoint(self.cfg.save, self.model, iteration=step, args=self.args,
                              meta=meta, write_extra=write_extra)
         print_rank0(f"saved {ckpt.iteration_dir(self.cfg.save, step)}")
+        if self.cfg.keep_checkpoints:
+            ckpt.remove_old_iterations(self.cfg.save, keep=self.cfg.keep_checkpoints)
 
     def evaluate(self, step: int) -> float | None:
         if self.eval_windows is None:
