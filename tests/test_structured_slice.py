@@ -208,32 +208,37 @@ def test_uniform_slice_is_plain_llama(tmp_path):
 
 def test_magnitude_prune_and_export_on_sliced_model(tp2_model, tmp_path):
     """The 2:4 tools run on the smaller model: magnitude pruning, then export_hf."""
-    from megatron.sparse.mask import is_two_four
-
     hf, masks, sliced, gen = tp2_model
     pruned, out = tmp_path / "pruned", tmp_path / "hf24"
     result = run_tool_in_process("prune_oneshot", "--load", sliced, "--method", "magnitude",
                                  "--seq-length", 16, "--save", pruned)
     assert result.returncode == 0, result.stderr
-    result = run_tool_in_process("export_hf", "--load", pruned, "--out", out)
-    assert result.returncode == 0, result.stderr
+    _check_2_4_export(pruned, out, gen)
+
+
+def _check_2_4_export(ckpt, out, gen) -> None:
+    """``export_hf`` of a 2:4 checkpoint loads in transformers, is 2:4, and has its logits."""
     from transformers import AutoModelForCausalLM
 
+    from megatron.sparse.mask import is_two_four
+
+    result = run_tool_in_process("export_hf", "--load", ckpt, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
     exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
                                                     dtype=torch.float32).eval()
-    for name, p in exported.named_parameters():
-        if name.endswith("proj.weight"):
-            assert is_two_four(p != 0), name
+    projections = [(n, p) for n, p in exported.named_parameters() if n.endswith("proj.weight")]
+    assert projections
+    for name, p in projections:
+        assert is_two_four(p != 0), name
     tokens = torch.randint(0, 128, (2, 16), generator=gen)
     with torch.no_grad():
         got = exported(tokens).logits
-    assert _diff(got, _logits_here(pruned, tokens)) <= TOL
+    assert _diff(got, _logits_here(ckpt, tokens)) <= TOL
 
 
 def test_mask_learning_and_export_on_sliced_model(tp2_model, tmp_path):
     """Mask learning runs on the smaller model (per-layer widths, removed blocks), and its
     result exports to a 2:4 Hugging Face model with the same logits."""
-    from megatron.sparse.mask import is_two_four
     from tests.train_fixtures import write_tokens
 
     hf, masks, sliced, gen = tp2_model
@@ -243,20 +248,7 @@ def test_mask_learning_and_export_on_sliced_model(tp2_model, tmp_path):
                                  trained, "--seq-length", 16, "--micro-batch-size", 2,
                                  "--global-batch-size", 2, "--train-iters", 2)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_tool_in_process("export_hf", "--load", trained, "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    from transformers import AutoModelForCausalLM
-
-    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
-                                                    dtype=torch.float32).eval()
-    assert any(name.endswith("proj.weight") for name, _ in exported.named_parameters())
-    for name, p in exported.named_parameters():
-        if name.endswith("proj.weight"):
-            assert is_two_four(p != 0), name
-    tokens = torch.randint(0, 128, (2, 16), generator=gen)
-    with torch.no_grad():
-        got = exported(tokens).logits
-    assert _diff(got, _logits_here(trained, tokens)) <= TOL
+    _check_2_4_export(trained, out, gen)
 
 
 def test_bad_inputs(tp2_model, tmp_path):
