@@ -16,9 +16,9 @@ that the peak RSS is its own. Prints one line per method and a JSON summary.
 compares our SparseGPT + weight update with llm-compressor's on the same calibration windows and
 one evaluator (see benchmarks/prune_vs_peer.py), on ``--draws`` disjoint sets of windows (the
 PPL of a 2:4 model moves by a few percent with its calibration windows, more than the two
-implementations differ by; the mean over draws is the comparison); llm-compressor pins its own transformers, so it
-usually lives in a separate venv. Without llm-compressor in ``--peer-python`` the peer is skipped
-with a message.
+implementations differ by; the mean over draws is the comparison). llm-compressor pins its own
+transformers, so it usually lives in a separate venv. Without llm-compressor in
+``--peer-python`` the peer is skipped with a message.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def run_one(ns: argparse.Namespace) -> dict:
         parallel.shutdown()
 
 
-def _peer_draw(ns: argparse.Namespace, paths: dict, work: Path, *, offset: int) -> dict:
+def _peer_draw(ns: argparse.Namespace, paths: dict, work: Path, *, offset: int,
+               heldout) -> dict:
     """One calibration draw: both sides prune (``ns.repeats`` times, alternating order) on the
     windows that start ``offset`` windows in, then one evaluator scores both. Cached in
     ``work/draw_o{offset}/`` so an interrupted comparison resumes."""
@@ -104,7 +105,7 @@ def _peer_draw(ns: argparse.Namespace, paths: dict, work: Path, *, offset: int) 
                   f"{rows['llmcompressor']['peak_rss_mib']} MiB", flush=True)
         record_file.write_text(json.dumps(record))
     if not ns.skip_eval and "eval" not in record:
-        record["eval"] = peer.evaluate(out, ns.heldout)
+        record["eval"] = peer.evaluate(out, heldout)
         record_file.write_text(json.dumps(record))
         ev = record["eval"]
         print(f"draw at window {offset}: PPL ours {ev['ppl_ours']:.3f}, llmcompressor "
@@ -135,18 +136,18 @@ def compare_with_peer(ns: argparse.Namespace) -> None:
     samples, seq = ns.samples, ns.seq_length
     work = Path(ns.work_dir)
     paths = peer.prepare(work)
-    dense_ppl = None
+    heldout = dense_ppl = None
     if not ns.skip_eval:
-        ns.heldout = peer.heldout_windows(paths, seq_length=seq, max_windows=ns.eval_windows)
-        dense_ppl, _ = peer.hf_ppl(paths["hf_dense"], ns.heldout)
-    records = [_peer_draw(ns, paths, work, offset=ns.calib_offset + d * samples)
+        heldout = peer.heldout_windows(paths, seq_length=seq, max_windows=ns.eval_windows)
+        dense_ppl, _ = peer.hf_ppl(paths["hf_dense"], heldout)
+    records = [_peer_draw(ns, paths, work, offset=ns.calib_offset + d * samples, heldout=heldout)
                for d in range(ns.draws)]
     if ns.skip_eval:
         print(json.dumps({"peer": f"llmcompressor {version}", "draws": records}))
         return
     print(f"\nSparseGPT + weight update, 2:4, {samples} x {seq} calibration tokens per draw (both "
           f"sides the same windows), llmcompressor {version}; PPL on held-out embedded text, "
-          f"{ns.heldout.shape[0]} x {seq} windows, one evaluator (dense {dense_ppl:.2f})")
+          f"{heldout.shape[0]} x {seq} windows, one evaluator (dense {dense_ppl:.2f})")
     print(f"{'window':>6} {'run':>3} {'ours s':>7} {'peer s':>7} {'time':>5} {'ours MiB':>8} "
           f"{'peer MiB':>8} {'memory':>6} {'ours PPL':>9} {'peer PPL':>9} {'PPL':>6} {'masks':>6}")
     ratios = {"time": [], "memory": [], "ppl": []}

@@ -88,15 +88,16 @@ def prepare(work: Path) -> dict[str, Path]:
 
 def draw_tokens(paths: dict[str, Path], out: Path, *, samples: int, seq_length: int,
                 offset: int) -> Path:
-    """The ``[samples, seq_length]`` windows ``prune_oneshot.py --calib-offset`` reads, as .npy."""
+    """The ``[samples, seq_length]`` windows ``prune_oneshot.py --calib-offset`` reads, as .npy
+    (through the same :func:`calibration_windows`, so both sides see them by construction)."""
     import numpy as np
 
-    from megatron.sparse.data.indexed import read_token_windows
+    from megatron.sparse.prune.data import calibration_windows
 
     out.mkdir(parents=True, exist_ok=True)
     tokens = out / f"calib_{samples}x{seq_length}_o{offset}.npy"
-    windows = read_token_windows(str(paths["calib"]), seq_length, num_windows=samples,
-                                 offset=offset)
+    windows = calibration_windows(str(paths["calib"]), tokenizer_spec=None, seq_length=seq_length,
+                                  num_samples=samples, offset=offset)
     np.save(tokens, windows.numpy())
     return tokens
 

@@ -210,7 +210,7 @@ def remove_old_iterations(root: str | Path, *, keep: int) -> list[Path]:
     if not _is_rank0() or not root.is_dir():
         return []
     iterations = sorted(int(p.name[5:]) for p in root.iterdir()
-                        if p.is_dir() and re.fullmatch(r"iter_\d{7}", p.name))
+                        if p.is_dir() and re.fullmatch(r"iter_\d{7,}", p.name))
     latest = latest_iteration(root)
     removed = []
     for it in iterations[:-keep]:
