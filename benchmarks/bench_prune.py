@@ -165,10 +165,18 @@ def compare_with_peer(ns: argparse.Namespace) -> None:
                   f"{ev['ppl_llmcompressor']:9.3f} {ppl:6.3f} {ev['mask_agreement']:6.1%}")
     print("ours/peer over all draws, mean (min-max): " + ", ".join(
         f"{name} {_spread(values)}" for name, values in ratios.items()))
+    intervals = {}
+    if len(records) > 1:
+        from draw_stats import ratio_interval
+
+        intervals = {name: ratio_interval(values) for name, values in ratios.items()}
+        print(f"geometric mean and 95 % t interval over {len(records)} draws: " + ", ".join(
+            f"{name} {g:.3f} [{lo:.3f}, {hi:.3f}]" for name, (g, lo, hi) in intervals.items()))
     print("time and peak RSS are whole processes (load + calibrate + prune + save, no evaluation)")
     print(json.dumps({"peer": f"llmcompressor {version}", "samples": samples, "seq_length": seq,
                       "dense_ppl": dense_ppl, "draws": records,
-                      "mean_ratios": {k: sum(v) / len(v) for k, v in ratios.items()}}))
+                      "mean_ratios": {k: sum(v) / len(v) for k, v in ratios.items()},
+                      "ratio_intervals_95": intervals}))
 
 
 def main() -> None:
