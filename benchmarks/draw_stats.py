@@ -9,6 +9,7 @@ geometric mean of the ratios.
 from __future__ import annotations
 
 import math
+import statistics
 
 # Two-sided 95 % quantiles of Student's t, t_{0.975}(df), for df = 1..30 (standard table values).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -31,7 +32,6 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
         raise ValueError(f"ratios must be positive, got {min(ratios)}")
     logs = [math.log(r) for r in ratios]
     n = len(logs)
-    mean = sum(logs) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
-    half = t975(n - 1) * sd / math.sqrt(n)
+    mean = statistics.fmean(logs)
+    half = t975(n - 1) * statistics.stdev(logs, mean) / math.sqrt(n)
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
